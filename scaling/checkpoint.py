@@ -1,0 +1,120 @@
+"""Checkpoints: atomic, self-describing, auto-resumed.
+
+Layout of ``checkpoint.dir``::
+
+    step_00000020/
+        model.safetensors | engine-specific files   (student, teacher, optimizer, scheduler, scaler)
+        train_state.pt     step, RNG states, data-loader position, MLflow run id
+        recipe.yaml        the resolved recipe that produced it
+        meta.json          format version, step, engine, world size
+        COMPLETE           written last: a directory without it is ignored
+
+A checkpoint is written under a temporary name and renamed when complete, so
+a crash mid-save never leaves a directory that resume would pick. Everything
+is loaded with ``weights_only=True`` (no pickled code).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from scaling.config import CheckpointConfig
+from scaling.engines import Engine
+
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def find_latest(directory: Path) -> Path | None:
+    """Newest complete checkpoint in ``directory`` (a run's ``checkpoint.dir``), or None."""
+    if not directory.is_dir():
+        return None
+    done = [p for p in directory.iterdir() if _STEP_DIR.match(p.name) and (p / "COMPLETE").exists()]
+    return max(done, key=lambda p: p.name, default=None)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+class Checkpointer:
+    def __init__(self, cfg: CheckpointConfig, engine: Engine, recipe_yaml: str):
+        self.cfg = cfg
+        self.engine = engine
+        self.recipe_yaml = recipe_yaml
+        self.directory = Path(cfg.dir)
+
+    def resume_path(self) -> Path | None:
+        if self.cfg.resume == "never":
+            return None
+        if self.cfg.resume == "auto":
+            return find_latest(self.directory)
+        path = Path(self.cfg.resume)
+        if (path / "COMPLETE").exists():
+            return path
+        latest = find_latest(path)
+        if latest is None:
+            raise ValueError(f"checkpoint.resume: {path} is neither a complete checkpoint nor a directory holding one")
+        return latest
+
+    def save(self, step: int, train_state: dict) -> Path:
+        final = self.directory / f"step_{step:08d}"
+        tmp = self.directory / f".tmp_step_{step:08d}"
+        if self.engine.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.engine.barrier()
+        self.engine.save(tmp)
+        # Per-rank state (RNG streams differ per rank); step and data position are the same everywhere.
+        torch.save({**train_state, "rng": rng_state()}, tmp / f"train_state_rank{self.engine.rank}.pt")
+        self.engine.barrier()
+        if self.engine.rank == 0:
+            (tmp / "recipe.yaml").write_text(self.recipe_yaml)
+            meta = {"format": FORMAT_VERSION, "step": step, "world_size": self.engine.world_size,
+                    "engine": type(self.engine).__name__}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            (tmp / "COMPLETE").touch()
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            self._prune()
+        self.engine.barrier()
+        return final
+
+    def load(self, path: Path) -> dict:
+        meta = json.loads((path / "meta.json").read_text())
+        if meta["format"] != FORMAT_VERSION:
+            raise ValueError(f"{path}: checkpoint format {meta['format']}, this code reads {FORMAT_VERSION}")
+        self.engine.load(path)
+        state_file = path / f"train_state_rank{self.engine.rank}.pt"
+        if not state_file.exists():
+            raise ValueError(f"{path}: no {state_file.name}; it was written by {meta['world_size']} rank(s)")
+        state = torch.load(state_file, weights_only=True)
+        set_rng_state(state.pop("rng"))
+        return state
+
+    def _prune(self) -> None:
+        if self.cfg.keep_last <= 0:
+            return
+        done = sorted(p for p in self.directory.iterdir() if _STEP_DIR.match(p.name) and (p / "COMPLETE").exists())
+        for old in done[: -self.cfg.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,415 @@
+"""Recipes: YAML files loaded into typed, frozen-by-convention dataclasses.
+
+A recipe may name a parent with ``extends: <relative path>``; the child's keys
+are merged over the parent's. ``--set a.b=value`` overrides are applied last
+(the value is parsed as YAML, so ``--set train.max_steps=30`` gives an int).
+Every key is checked against the dataclass tree: an unknown key or a value of
+the wrong type raises ``RecipeError`` naming the key and the file, before any
+training starts. Each component receives only its own section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe or an override is invalid; the message names the key and the file."""
+
+
+# ----------------------------------------------------------------------------- model
+@dataclass
+class SpeechModelConfig:
+    # (channels, kernel, stride) per conv layer: wav2vec 2.0 feature encoder (reference §3.2).
+    conv_layers: list[list[int]] = field(
+        default_factory=lambda: [[512, 10, 5]] + [[512, 3, 2]] * 4 + [[512, 2, 2]] * 2
+    )
+    conv_pos_depth: int = 5
+    conv_pos_width: int = 95  # per-layer kernel is max(3, width // depth) = 19
+    conv_pos_groups: int = 16
+    feature_dropout: float = 0.0  # fairseq dropout_input, applied to the student's features only
+    layerdrop: float = 0.05
+
+
+@dataclass
+class VisionModelConfig:
+    image_size: int = 224
+    patch_size: int = 16
+    channels: int = 3
+    layer_scale_init: float = 1e-4  # BEiT gamma_1/gamma_2 init (1e-4 B, 1e-5 L)
+    drop_path: float = 0.25
+
+
+@dataclass
+class TextModelConfig:
+    vocab_size: int = 50265
+    max_positions: int = 512
+    # Special ids follow fairseq/RoBERTa: <s>=0, <pad>=1, </s>=2, <unk>=3; <mask> comes from the tokenizer.
+    pad_id: int = 1
+    mask_id: int = 4
+
+
+@dataclass
+class ModelConfig:
+    modality: Literal["speech", "vision", "text"] = "speech"
+    dim: int = 768
+    depth: int = 12
+    heads: int = 12
+    ffn_dim: int = 3072
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    activation_dropout: float = 0.0
+    layer_norm_eps: float = 1e-5
+    # Student regression head (reference §1.2): linear (speech final_proj), mlp (text regression_head,
+    # D -> 2D -> D), norm_linear (vision: final LayerNorm then lm_head).
+    head: Literal["linear", "mlp", "norm_linear"] = "linear"
+    speech: SpeechModelConfig = field(default_factory=SpeechModelConfig)
+    vision: VisionModelConfig = field(default_factory=VisionModelConfig)
+    text: TextModelConfig = field(default_factory=TextModelConfig)
+
+
+# ----------------------------------------------------------------------------- masking
+@dataclass
+class SpeechMaskConfig:
+    # fairseq compute_mask_indices: int(prob * T / length + U[0,1)) span starts of `length` frames
+    # (reference §3.2; published-numbers C2: 0.65 = start probability 0.065 x length 10).
+    prob: float = 0.65
+    length: int = 10
+    min_masks: int = 1
+
+
+@dataclass
+class VisionMaskConfig:
+    # BEiT block-wise masking (reference §3.3): 120 of 196 patches for ViT-B.
+    ratio: float = 0.6122449  # 120 / 196
+    min_block_patches: int = 16
+    max_block_patches: int = 0  # 0: no limit beyond the remaining budget
+    min_aspect: float = 0.3
+
+
+@dataclass
+class TextMaskConfig:
+    # Released text/pretraining/base.yaml (reference §3.4, §8.1): span starts with prob/span, span of 4,
+    # every selected token replaced by <mask>. leave_unmasked/random_token give BERT 80/10/10.
+    prob: float = 0.35
+    span: int = 4
+    leave_unmasked_prob: float = 0.0
+    random_token_prob: float = 0.0
+
+
+@dataclass
+class MaskingConfig:
+    speech: SpeechMaskConfig = field(default_factory=SpeechMaskConfig)
+    vision: VisionMaskConfig = field(default_factory=VisionMaskConfig)
+    text: TextMaskConfig = field(default_factory=TextMaskConfig)
+
+
+# ----------------------------------------------------------------------------- objective
+@dataclass
+class ObjectiveConfig:
+    top_k: int = 8
+    tap: Literal["ffn", "block"] = "ffn"  # FFN output before the last residual, or the block output
+    layer_norm: Literal["instance", "layer", "none"] = "instance"  # per teacher layer, no affine
+    post_norm: Literal["none", "layer", "instance"] = "none"  # after averaging the top K
+    loss: Literal["l2", "smooth_l1"] = "l2"
+    beta: float = 0.0  # Smooth-L1 beta
+    loss_scale: Optional[float] = None  # None: 1/sqrt(D), as fairseq's loss_scale: null
+    # [DV] vision uses a mean over masked elements: the same as summing over D with scale 1/D.
+    mean_over_dims: bool = False
+
+
+@dataclass
+class EMAConfig:
+    decay: float = 0.999
+    end_decay: float = 0.9999
+    anneal_steps: int = 30000
+
+
+@dataclass
+class MonitorConfig:
+    # Collapse guard (reference §1.3): stop with a checkpoint once past `after_steps`.
+    min_target_var: float = 0.1
+    min_pred_var: float = 0.01
+    after_steps: int = 5000
+
+
+# ----------------------------------------------------------------------------- optimisation
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    weight_decay: float = 0.01
+    grad_clip: float = 0.0  # 0 disables clipping
+
+
+@dataclass
+class ScheduleConfig:
+    name: Literal["cosine", "tri_stage", "constant"] = "tri_stage"
+    warmup_steps: int = 0  # cosine
+    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of the peak
+    phase_ratio: list[float] = field(default_factory=lambda: [0.03, 0.9, 0.07])  # tri_stage
+    init_lr_scale: float = 0.01
+    final_lr_scale: float = 0.01
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    global_batch_size: int = 8
+    micro_batch_size: int = 8
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every: int = 10
+
+
+# ----------------------------------------------------------------------------- data
+@dataclass
+class SpeechDataConfig:
+    sample_rate: int = 16000
+    max_samples: int = 320000  # random crop (reference §3.2)
+    min_samples: int = 32000  # shorter utterances are skipped
+    normalize: bool = True
+
+
+@dataclass
+class VisionDataConfig:
+    augment: bool = True  # RandomResizedCrop + flip + normalise
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
+class TextDataConfig:
+    tokenizer: str = ""  # sentencepiece model file
+    block_size: int = 512  # tokens per sample, BOS/EOS included
+
+
+@dataclass
+class DataConfig:
+    # A webdataset brace pattern (shards/train-{000000..000009}.tar) or a comma-separated list;
+    # "synthetic" draws random samples (tests, smoke runs).
+    train_shards: str = "synthetic"
+    num_workers: int = 0
+    shuffle_buffer: int = 256
+    speech: SpeechDataConfig = field(default_factory=SpeechDataConfig)
+    vision: VisionDataConfig = field(default_factory=VisionDataConfig)
+    text: TextDataConfig = field(default_factory=TextDataConfig)
+
+
+# ----------------------------------------------------------------------------- infrastructure
+@dataclass
+class CheckpointConfig:
+    dir: str = "checkpoints"
+    every_steps: int = 1000
+    keep_last: int = 3
+    resume: str = "auto"  # auto: newest complete checkpoint in dir, if any; never; or a path
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = "sqlite:///mlruns.db"
+    experiment: str = "scaling"
+    run_name: str = ""
+
+
+@dataclass
+class EngineConfig:
+    name: Literal["single", "ddp", "fsdp", "deepspeed"] = "single"
+
+
+@dataclass
+class Recipe:
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+# ----------------------------------------------------------------------------- loading
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in chain:
+        raise RecipeError(f"{path}: 'extends' forms a cycle")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping, got {type(raw).__name__}")
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    base = _read_yaml(path.parent / parent, chain + (path,))
+    return _merge(base, raw)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _apply_override(tree: dict, item: str) -> None:
+    if "=" not in item:
+        raise RecipeError(f"--set {item!r}: expected key.path=value")
+    key, text = item.split("=", 1)
+    node = tree
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"--set {item!r}: '{p}' is not a section")
+    node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+
+
+def _check_value(value: Any, tp: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise RecipeError(f"{source}: '{key}' must be a section (mapping), got {value!r}")
+        return _build(tp, value, key, source)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check_value(value, a, key, source)
+            except RecipeError as e:
+                errors.append(str(e))
+        raise RecipeError(errors[-1])
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise RecipeError(f"{source}: '{key}' must be one of {list(allowed)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{source}: '{key}' must be a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_check_value(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, str):
+            # PyYAML (YAML 1.1) reads `3e-4` (no dot) as a string; accept what float() reads.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{source}: '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{source}: '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{source}: '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{source}: '{key}' must be a string, got {value!r}")
+        return value
+    raise AssertionError(f"unsupported recipe type {tp} for {key}")
+
+
+def _build(cls: type, values: dict, prefix: str, source: str):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in values.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise RecipeError(f"{source}: unknown key '{key}' (known keys here: {', '.join(sorted(names))})")
+        kwargs[k] = _check_value(v, hints[k], key, source)
+    return cls(**kwargs)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Load a recipe file, apply ``key.path=value`` overrides, and validate every key."""
+    path = Path(path)
+    tree = _read_yaml(path)
+    source = str(path)
+    for item in overrides:
+        _apply_override(tree, item)
+    if overrides:
+        source = f"{path} (with --set {' '.join(overrides)})"
+    return recipe_from_dict(tree, source)
+
+
+def recipe_from_dict(tree: dict, source: str = "<dict>") -> Recipe:
+    recipe = _build(Recipe, tree, "", source)
+    validate(recipe, source)
+    return recipe
+
+
+def validate(r: Recipe, source: str) -> None:
+    """Cross-key checks that a type check cannot express."""
+
+    def fail(key: str, why: str):
+        raise RecipeError(f"{source}: '{key}' {why}")
+
+    if r.model.dim % r.model.heads:
+        fail("model.heads", f"must divide model.dim ({r.model.dim})")
+    if not 1 <= r.objective.top_k <= r.model.depth:
+        fail("objective.top_k", f"must be in 1..model.depth ({r.model.depth})")
+    if r.train.micro_batch_size <= 0 or r.train.global_batch_size <= 0:
+        fail("train.global_batch_size", "and train.micro_batch_size must be positive")
+    if r.train.max_steps <= 0:
+        fail("train.max_steps", "must be positive")
+    if r.checkpoint.every_steps <= 0:
+        fail("checkpoint.every_steps", "must be positive")
+    if not 0 <= r.ema.decay <= 1 or not 0 <= r.ema.end_decay <= 1:
+        fail("ema.decay", "and ema.end_decay must be in [0, 1]")
+    if r.schedule.name == "tri_stage" and (len(r.schedule.phase_ratio) != 3 or abs(sum(r.schedule.phase_ratio) - 1) > 1e-6):
+        fail("schedule.phase_ratio", "must be three fractions summing to 1")
+    if len(r.optim.betas) != 2:
+        fail("optim.betas", "must hold two numbers")
+    if r.model.modality == "vision" and r.model.vision.image_size % r.model.vision.patch_size:
+        fail("model.vision.patch_size", f"must divide model.vision.image_size ({r.model.vision.image_size})")
+    if r.objective.loss == "smooth_l1" and r.objective.beta <= 0:
+        fail("objective.beta", "must be positive for smooth_l1")
+    if not r.data.train_shards:
+        fail("data.train_shards", "is empty")
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """``{'train.max_steps': 30, ...}``: the resolved recipe as flat keys (MLflow params)."""
+    tree = dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False)

@@ -1,0 +1,265 @@
+"""Per-modality sample processing (decode, crop/augment, normalise, mask) and batch making.
+
+A *raw* sample is a webdataset dict of bytes (``__key__``, ``__url__``, ``flac``/``png``/``ids``...)
+or, for the synthetic source, an already-decoded sample. :class:`SampleProcessor` turns one raw
+sample into zero or more *items* (text documents longer than a block give several), each a dict
+of numpy arrays / tensors with its mask already drawn; :meth:`SampleProcessor.collate` pads and
+stacks items into a batch.
+
+Every random choice of a sample (speech crop, vision augmentation, every mask) comes from
+``sample_rng(seed, epoch, sample_id[, block])``: it depends only on the sample, never on its batch
+neighbours, its rank or the micro-batch size.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Optional
+
+import numpy as np
+import torch
+
+from scaling.config import DataConfig, MaskingConfig, ModelConfig
+from scaling.data.shards import quiet_tv_io
+from scaling.masking import sample_rng, speech_span_mask, text_span_mask, vision_block_mask
+
+__all__ = ["SampleProcessor", "BOS_ID", "EOS_ID", "UNK_ID"]
+
+# fairseq/RoBERTa special ids (pad and <mask> come from ModelConfig.text).
+BOS_ID = 0
+EOS_ID = 2
+UNK_ID = 3
+
+
+def _label(raw: dict) -> Optional[int]:
+    v = raw.get("cls")
+    if v is None:
+        return None
+    if isinstance(v, (bytes, bytearray)):
+        v = v.decode().strip()
+    return int(v)
+
+
+class SampleProcessor:
+    """Decodes and masks samples of one modality; builds batches of them."""
+
+    def __init__(self, data_cfg: DataConfig, model_cfg: ModelConfig, masking_cfg: MaskingConfig, seed: int):
+        self.data_cfg = data_cfg
+        self.model_cfg = model_cfg
+        self.masking_cfg = masking_cfg
+        self.seed = int(seed)
+        self.modality = model_cfg.modality
+        if self.modality == "vision":
+            self._build_vision()
+        elif self.modality == "text":
+            bs = data_cfg.text.block_size
+            if bs < 3:
+                raise ValueError(f"data.text.block_size must be >= 3 (BOS + token + EOS), got {bs}")
+            if bs > model_cfg.text.max_positions:
+                raise ValueError(
+                    f"data.text.block_size ({bs}) exceeds model.text.max_positions ({model_cfg.text.max_positions})"
+                )
+        elif self.modality == "speech":
+            from scaling.models.speech import conv_output_length
+
+            self._conv_out = conv_output_length
+        else:
+            raise ValueError(f"unknown modality {self.modality!r}")
+
+    # ------------------------------------------------------------------ dispatch
+    def from_raw(self, raw: dict, epoch: int, sample_id: int) -> list[dict]:
+        """Items of one webdataset sample. Raises on undecodable input (the caller skips it)."""
+        label = _label(raw)
+        if self.modality == "speech":
+            audio, sr = self._decode_audio(raw)
+            return self.speech_items(audio, sr, epoch, sample_id, label)
+        if self.modality == "vision":
+            image = self._decode_image(raw)
+            return self.vision_items(image, epoch, sample_id, label)
+        ids = self._decode_ids(raw)
+        return self.text_items(ids, epoch, sample_id, label)
+
+    # ------------------------------------------------------------------ speech
+    def _decode_audio(self, raw: dict) -> tuple[np.ndarray, int]:
+        import soundfile as sf
+
+        data = None
+        for ext in ("flac", "wav"):
+            if ext in raw:
+                data = raw[ext]
+                break
+        if data is None:
+            raise ValueError(f"no flac/wav member (members: {sorted(k for k in raw if not k.startswith('__'))})")
+        audio, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        audio = audio.mean(axis=1) if audio.shape[1] > 1 else audio[:, 0]
+        if "json" in raw:
+            meta = json.loads(raw["json"])
+            n = meta.get("num_samples")
+            if n is not None and int(n) != audio.shape[0]:
+                raise ValueError(f"json num_samples {n} != decoded length {audio.shape[0]}")
+        return np.ascontiguousarray(audio, dtype=np.float32), int(sr)
+
+    def speech_items(self, audio: np.ndarray, sr: int, epoch: int, sample_id: int, label: Optional[int]) -> list[dict]:
+        cfg = self.data_cfg.speech
+        if sr != cfg.sample_rate:
+            import soxr
+
+            audio = soxr.resample(audio, sr, cfg.sample_rate).astype(np.float32, copy=False)
+        n = int(audio.shape[0])
+        if n < cfg.min_samples:
+            return []  # too short: skipped, as fairseq's min_sample_size filter
+        rng = sample_rng(self.seed, epoch, sample_id)
+        if n > cfg.max_samples:
+            start = int(rng.integers(0, n - cfg.max_samples + 1))
+            audio = audio[start : start + cfg.max_samples]
+            n = cfg.max_samples
+        audio = np.asarray(audio, dtype=np.float32)
+        if cfg.normalize:
+            # fairseq: F.layer_norm(wav, wav.shape), eps 1e-5.
+            a64 = audio.astype(np.float64)
+            audio = ((a64 - a64.mean()) / np.sqrt(a64.var() + 1e-5)).astype(np.float32)
+        frames = self._conv_out(n, self.model_cfg.speech.conv_layers)
+        if frames <= 0:
+            return []
+        mask = speech_span_mask(rng, frames, self.masking_cfg.speech)
+        return [{"audio": audio, "mask": mask, "label": label, "id": int(sample_id)}]
+
+    # ------------------------------------------------------------------ vision
+    def _build_vision(self):
+        from torchvision.io import ImageReadMode
+        from torchvision.transforms import v2
+
+        vc, dc = self.model_cfg.vision, self.data_cfg.vision
+        C = vc.channels
+        modes = {1: ImageReadMode.GRAY, 3: ImageReadMode.RGB, 4: ImageReadMode.RGB_ALPHA}
+        if C not in modes:
+            raise ValueError(f"model.vision.channels must be 1, 3 or 4, got {C}")
+        if len(dc.mean) < C or len(dc.std) < C:
+            raise ValueError(f"data.vision.mean/std need at least {C} entries (model.vision.channels)")
+        self._read_mode = modes[C]
+        size = vc.image_size
+        self._size = size
+        if dc.augment:
+            self._geometric = v2.Compose(
+                [
+                    v2.RandomResizedCrop(
+                        (size, size),
+                        scale=tuple(dc.crop_scale),
+                        interpolation=v2.InterpolationMode.BICUBIC,
+                        antialias=True,
+                    ),
+                    v2.RandomHorizontalFlip(),
+                ]
+            )
+        else:
+            self._geometric = v2.Resize((size, size), interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+        self._to_float = v2.Compose(
+            [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(dc.mean[:C]), list(dc.std[:C]))]
+        )
+        self._grid = (size // vc.patch_size, size // vc.patch_size)
+
+    def _decode_image(self, raw: dict) -> torch.Tensor:
+        from torchvision.io import decode_image
+
+        for ext in ("png", "jpg", "jpeg", "webp"):
+            if ext in raw:
+                data = torch.from_numpy(np.frombuffer(raw[ext], dtype=np.uint8).copy())
+                with quiet_tv_io():
+                    return decode_image(data, mode=self._read_mode)
+        raise ValueError(f"no png/jpg member (members: {sorted(k for k in raw if not k.startswith('__'))})")
+
+    def vision_items(self, image: torch.Tensor, epoch: int, sample_id: int, label: Optional[int]) -> list[dict]:
+        """``image``: uint8 ``[C,H,W]`` with the model's channel count."""
+        if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != self.model_cfg.vision.channels:
+            raise ValueError(f"expected a uint8 [{self.model_cfg.vision.channels},H,W] image, got {image.dtype} {tuple(image.shape)}")
+        rng = sample_rng(self.seed, epoch, sample_id)
+        torch_seed = int(rng.integers(0, 2**63 - 1))
+        if self.data_cfg.vision.augment or tuple(image.shape[1:]) != (self._size, self._size):
+            # The augmentation draws from torch's global RNG: fork it and seed it per sample so
+            # the result depends on this sample only (and the caller's RNG stream is untouched).
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(torch_seed)
+                image = self._geometric(image)
+        pixels = self._to_float(image).contiguous()
+        mask = vision_block_mask(rng, self._grid, self.masking_cfg.vision)
+        return [{"image": pixels, "mask": mask, "label": label, "id": int(sample_id)}]
+
+    # ------------------------------------------------------------------ text
+    def _decode_ids(self, raw: dict) -> np.ndarray:
+        if "ids" not in raw:
+            raise ValueError(f"no ids member (members: {sorted(k for k in raw if not k.startswith('__'))})")
+        data = raw["ids"]
+        if len(data) % 4:
+            raise ValueError(f"ids member has {len(data)} bytes, not a multiple of 4 (int32)")
+        ids = np.frombuffer(data, dtype="<i4").astype(np.int64)
+        if "json" in raw:
+            n = json.loads(raw["json"]).get("num_tokens")
+            if n is not None and int(n) != ids.shape[0]:
+                raise ValueError(f"json num_tokens {n} != {ids.shape[0]} ids")
+        return ids
+
+    def text_items(self, ids: np.ndarray, epoch: int, sample_id: int, label: Optional[int]) -> list[dict]:
+        """One document (ids without BOS/EOS) -> blocks ``[BOS] + chunk + [EOS]`` of <= block_size."""
+        tc = self.model_cfg.text
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= tc.vocab_size):
+            raise ValueError(f"token ids outside [0, {tc.vocab_size})")
+        content = self.data_cfg.text.block_size - 2
+        items = []
+        specials = np.array([BOS_ID, EOS_ID, tc.pad_id], dtype=np.int64)
+        for b, start in enumerate(range(0, ids.shape[0], content)):
+            tokens = np.concatenate([[BOS_ID], ids[start : start + content], [EOS_ID]]).astype(np.int64)
+            rng = sample_rng(self.seed, epoch, sample_id, b)
+            mask, inputs = text_span_mask(
+                rng,
+                tokens,
+                self.masking_cfg.text,
+                maskable=~np.isin(tokens, specials),
+                mask_id=tc.mask_id,
+                vocab_size=tc.vocab_size,
+                num_special=tc.mask_id + 1,
+            )
+            # Blocks of one document get distinct ids: (doc id << 16) | block.
+            items.append({"tokens": tokens, "input": inputs, "mask": mask, "label": label, "id": (int(sample_id) << 16) | b})
+        return items
+
+    # ------------------------------------------------------------------ batches
+    def collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        B = len(items)
+        batch: dict[str, torch.Tensor] = {}
+        if self.modality == "speech":
+            lengths = [it["audio"].shape[0] for it in items]
+            S = max(lengths)
+            F = self._conv_out(S, self.model_cfg.speech.conv_layers)
+            audio = torch.zeros(B, S, dtype=torch.float32)
+            pad = torch.ones(B, S, dtype=torch.bool)
+            mask = torch.zeros(B, F, dtype=torch.bool)
+            for i, it in enumerate(items):
+                n = lengths[i]
+                audio[i, :n] = torch.from_numpy(it["audio"])
+                pad[i, :n] = False
+                m = torch.from_numpy(it["mask"])
+                mask[i, : m.shape[0]] = m
+            batch.update(audio_BT=audio, audio_padding_BT=pad, mask_BT=mask)
+        elif self.modality == "vision":
+            batch["image_BCHW"] = torch.stack([it["image"] for it in items])
+            batch["mask_BT"] = torch.stack([torch.from_numpy(it["mask"]) for it in items])
+        else:
+            T = max(it["tokens"].shape[0] for it in items)
+            pad_id = self.model_cfg.text.pad_id
+            tokens = torch.full((B, T), pad_id, dtype=torch.int64)
+            inputs = torch.full((B, T), pad_id, dtype=torch.int64)
+            padm = torch.ones(B, T, dtype=torch.bool)
+            mask = torch.zeros(B, T, dtype=torch.bool)
+            for i, it in enumerate(items):
+                n = it["tokens"].shape[0]
+                tokens[i, :n] = torch.from_numpy(it["tokens"])
+                inputs[i, :n] = torch.from_numpy(it["input"])
+                padm[i, :n] = False
+                mask[i, :n] = torch.from_numpy(it["mask"])
+            batch.update(tokens_BT=tokens, input_tokens_BT=inputs, padding_mask_BT=padm, mask_BT=mask)
+        if any(it["label"] is not None for it in items):
+            batch["label_B"] = torch.tensor([-1 if it["label"] is None else it["label"] for it in items], dtype=torch.int64)
+        batch["sample_id_B"] = torch.tensor([it["id"] for it in items], dtype=torch.int64)
+        return batch

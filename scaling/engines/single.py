@@ -1,0 +1,82 @@
+"""One process, one device: the reference every sharded engine is tested against."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from scaling.config import OptimConfig, ScheduleConfig, TrainConfig
+from scaling.engines.base import Engine, pick_device
+from scaling.optim import build_optimizer, build_scheduler
+from scaling.teacher import ema_pairs
+
+
+class SingleEngine(Engine):
+    def __init__(self, train_cfg: TrainConfig):
+        super().__init__(train_cfg)
+        self.device = pick_device(train_cfg.device)
+
+    def setup(self, student, teacher, optim_cfg: OptimConfig, schedule_cfg: ScheduleConfig, max_steps: int):
+        self._student = student.to(self.device)
+        self._teacher = teacher.to(self.device)
+        self.optimizer = build_optimizer(self._student, optim_cfg)
+        self.scheduler = build_scheduler(self.optimizer, schedule_cfg, max_steps)
+        # fp16 needs dynamic loss scaling; bf16 and fp32 do not.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self._pairs = ema_pairs(self._teacher.encoder, self._student.encoder)
+
+    @property
+    def model(self):
+        return self._student
+
+    @property
+    def teacher(self):
+        return self._teacher
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def backward(self, loss):
+        self.scaler.scale(loss).backward()
+
+    def step(self, grad_clip: float) -> float:
+        self.scaler.unscale_(self.optimizer)
+        params = [p for p in self._student.parameters() if p.grad is not None]
+        if grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def ema_tensors(self):
+        return self._pairs
+
+    def save(self, directory: Path) -> None:
+        tensors = {f"student.{k}": v for k, v in self._student.state_dict().items()}
+        tensors.update({f"teacher.{k}": v for k, v in self._teacher.encoder.state_dict().items()})
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, directory / "model.safetensors")
+        torch.save(
+            {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+             "scaler": self.scaler.state_dict()},
+            directory / "optimizer.pt",
+        )
+
+    def load(self, directory: Path) -> None:
+        tensors = load_file(directory / "model.safetensors", device=str(self.device))
+        self._student.load_state_dict(_strip(tensors, "student."))
+        self._teacher.encoder.load_state_dict(_strip(tensors, "teacher."))
+        state = torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+
+
+def _strip(tensors: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}

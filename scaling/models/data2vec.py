@@ -1,0 +1,135 @@
+"""The data2vec v1 student: ``frontend`` -> ``encoder`` -> ``head`` (reference §1.1, §2.2).
+
+- ``frontend``: the part shared with the teacher (speech: CNN + projection + mask_emb + pos conv;
+  text: embeddings; vision: nothing). It also makes the teacher's input (``teacher_x``) from the
+  unmasked sample with student weights, under no_grad.
+- ``encoder``: the EMA-updated part. The teacher is ``copy.deepcopy(student.encoder)``, run in eval
+  mode under no_grad on ``teacher_x`` with the same padding mask and ``num_taps=K``.
+- ``head``: the student's regression head, applied at masked positions only (reference §1.2).
+
+Head parameter names: ``head.proj`` (linear: speech ``final_proj``; norm_linear: vision ``lm_head``),
+``head.norm`` (norm_linear: BEiT's final ``norm`` = HF vision ``layernorm``), ``head.fc1``/``head.fc2``
+(mlp: text ``regression_head``). Heads are dropped in an HF export except ``head.norm``
+(reference §6.1-6.3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from scaling.config import ModelConfig
+
+
+@dataclass
+class FrontendOutput:
+    student_x: Tensor  # input to the student's encoder (speech/text [B,T,D], mask applied; vision: pixels)
+    teacher_x: Tensor  # input to the teacher's encoder: unmasked sample, student weights, no_grad, detached
+    padding_mask_BT: Optional[Tensor]  # bool, True = padding, at encoder positions; None for vision
+    mask_BT: Tensor  # bool [B,T], True = masked, at encoder positions
+    local_features_BTD: Optional[Tensor]  # local encoder output for a variance monitor (reference §7 item 2)
+
+
+@dataclass
+class EncoderOutput:
+    x_BTD: Tensor  # final output at encoder positions (vision: CLS dropped)
+    taps: list[Tensor]  # taps [B,T,D] of the last num_taps blocks, in layer order (vision: CLS dropped)
+
+
+@dataclass
+class StudentOutput:
+    pred_ND: Tensor  # head output at masked positions, in row-major order of mask_BT.nonzero()
+    mask_BT: Tensor
+    padding_mask_BT: Optional[Tensor]
+    teacher_x: Tensor
+    local_features_BTD: Optional[Tensor]
+
+
+class RegressionHead(nn.Module):
+    """``linear``: Linear(D,D); ``mlp``: Linear(D,2D)-GELU-Linear(2D,D); ``norm_linear``:
+    LayerNorm(D) then Linear(D,D) (reference §1.2)."""
+
+    def __init__(self, kind: str, dim: int, eps: float):
+        super().__init__()
+        self.kind = kind
+        if kind == "linear":
+            self.proj = nn.Linear(dim, dim)
+        elif kind == "mlp":
+            self.fc1 = nn.Linear(dim, 2 * dim)
+            self.fc2 = nn.Linear(2 * dim, dim)
+        elif kind == "norm_linear":
+            self.norm = nn.LayerNorm(dim, eps=eps)
+            self.proj = nn.Linear(dim, dim)
+        else:
+            raise ValueError(f"unknown head {kind!r}; expected linear, mlp or norm_linear")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kind == "linear":
+            return self.proj(x)
+        if self.kind == "mlp":
+            return self.fc2(F.gelu(self.fc1(x)))
+        return self.proj(self.norm(x))
+
+
+class Data2Vec(nn.Module):
+    """Student with exactly three children: ``frontend``, ``encoder``, ``head``."""
+
+    def __init__(self, frontend: nn.Module, encoder: nn.Module, head: nn.Module, modality: str):
+        super().__init__()
+        self.frontend = frontend
+        self.encoder = encoder
+        self.head = head
+        self.modality = modality  # a plain attribute, not a child module
+
+    def forward(self, batch: dict[str, Tensor]) -> StudentOutput:
+        fo: FrontendOutput = self.frontend(batch)
+        eo: EncoderOutput = self.encoder(
+            fo.student_x, padding_mask_BT=fo.padding_mask_BT, mask_BT=fo.mask_BT, num_taps=0
+        )
+        mask = fo.mask_BT
+        if mask.shape != eo.x_BTD.shape[:2]:
+            raise ValueError(f"mask_BT {tuple(mask.shape)} does not match encoder positions "
+                             f"{tuple(eo.x_BTD.shape[:2])}")
+        # Boolean indexing keeps the row-major order of mask_BT.nonzero() (reference §1.1 item 4).
+        pred = self.head(eo.x_BTD[mask])
+        return StudentOutput(
+            pred_ND=pred,
+            mask_BT=mask,
+            padding_mask_BT=fo.padding_mask_BT,
+            teacher_x=fo.teacher_x,
+            local_features_BTD=fo.local_features_BTD,
+        )
+
+
+def build_model(cfg: ModelConfig) -> Data2Vec:
+    """Build the student for ``cfg.modality`` (reference §3.1-3.4)."""
+    if cfg.dim % cfg.heads:
+        raise ValueError(f"model.heads ({cfg.heads}) must divide model.dim ({cfg.dim})")
+    head = RegressionHead(cfg.head, cfg.dim, cfg.layer_norm_eps)
+    if cfg.modality == "speech":
+        from scaling.models.speech import SpeechEncoder, SpeechFrontend
+
+        frontend, encoder = SpeechFrontend(cfg), SpeechEncoder(cfg)
+        # fairseq final_proj is a plain nn.Linear (PyTorch default init); the mlp/norm_linear
+        # variants get BERT init below like the text head.
+        if cfg.head != "linear":
+            from scaling.models.blocks import init_bert_params
+
+            head.apply(init_bert_params)
+    elif cfg.modality == "text":
+        from scaling.models.blocks import init_bert_params
+        from scaling.models.text import TextEncoder, TextFrontend
+
+        frontend, encoder = TextFrontend(cfg), TextEncoder(cfg)
+        head.apply(init_bert_params)
+    elif cfg.modality == "vision":
+        from scaling.models.vision import VisionEncoder, VisionFrontend, beit_init_weights
+
+        frontend, encoder = VisionFrontend(cfg), VisionEncoder(cfg)
+        head.apply(beit_init_weights)  # [DV]: trunc-normal(0.02) lm_head, LN 1/0
+    else:
+        raise ValueError(f"unknown modality {cfg.modality!r}")
+    return Data2Vec(frontend, encoder, head, cfg.modality)

@@ -1,0 +1,116 @@
+"""``scaling-pretrain RECIPE [--set key.path=value ...]``: recipe -> engine -> Trainer.run()."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scaling.checkpoint import Checkpointer, find_latest
+from scaling.config import Recipe, load_recipe, to_yaml
+from scaling.data import build_loader
+from scaling.engines import build_engine
+from scaling.models import build_model
+from scaling.plan import BatchPlan
+from scaling.teacher import EMATeacher
+from scaling.tracking import Tracker
+from scaling.trainer import StepStats, Trainer
+
+log = logging.getLogger("scaling")
+
+
+@dataclass
+class RunResult:
+    history: list[StepStats]
+    start_step: int
+    step: int
+    checkpoint: Path | None
+    mlflow_run_id: str | None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="scaling-pretrain", description=__doc__)
+    p.add_argument("recipe", help="recipes/<modality>/<size>.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a recipe value (repeatable), e.g. --set train.max_steps=30")
+    p.add_argument("--stop-at-step", type=int, default=None,
+                   help="checkpoint and exit after this step; the LR and EMA schedules still span train.max_steps "
+                        "(for time-limited or preemptible jobs)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                   help="set by the deepspeed launcher; torchrun sets LOCAL_RANK instead")
+    return p.parse_args(argv)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run(recipe: Recipe, *, stop_at_step: int | None = None) -> RunResult:
+    engine = build_engine(recipe.engine, recipe.train)
+    plan = BatchPlan.from_config(recipe.train, engine.world_size)
+    # Same seed on every rank: the student starts identical everywhere and the teacher is its copy.
+    seed_everything(recipe.seed)
+    student = build_model(recipe.model)
+    teacher = EMATeacher(student.encoder)
+    engine.setup(student, teacher, recipe.optim, recipe.schedule, recipe.train.max_steps)
+    loader = build_loader(recipe.data, recipe.model, recipe.masking, seed=recipe.seed, rank=engine.rank,
+                          world_size=engine.world_size, micro_batch_size=plan.micro_batch_size)
+    checkpointer = Checkpointer(recipe.checkpoint, engine, to_yaml(recipe))
+
+    start_step, run_id = 0, None
+    resume_from = checkpointer.resume_path()
+    if resume_from is not None:
+        state = checkpointer.load(resume_from)
+        loader.load_state_dict(state["data"])
+        start_step, run_id = state["step"], state.get("mlflow_run_id")
+        log.info("resumed from %s at step %d", resume_from, start_step)
+    else:
+        # Dropout and augmentation streams differ per rank; the model init above did not.
+        torch.manual_seed(recipe.seed + 1000 * (engine.rank + 1))
+
+    tracker = Tracker(recipe.tracking, active=engine.rank == 0)
+    tracker.start(recipe, run_id=run_id)
+    trainer = Trainer(train_cfg=recipe.train, objective_cfg=recipe.objective, ema_cfg=recipe.ema,
+                      monitor_cfg=recipe.monitor, grad_clip=recipe.optim.grad_clip, plan=plan, engine=engine,
+                      loader=loader, tracker=tracker, checkpointer=checkpointer)
+    if engine.rank == 0:
+        print(f"[scaling] {recipe.model.modality}: {plan}; engine {recipe.engine.name}; "
+              f"steps {start_step}->{min(recipe.train.max_steps, stop_at_step or recipe.train.max_steps)}",
+              flush=True)
+    status = "FAILED"
+    try:
+        history = trainer.run(start_step=start_step, stop_at_step=stop_at_step)
+        status = "FINISHED"
+    finally:
+        tracker.finish(status)
+        engine.close()
+    return RunResult(history, start_step, trainer.step, find_latest(Path(recipe.checkpoint.dir)), tracker.run_id)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    recipe = load_recipe(args.recipe, args.overrides)  # validates every key before anything starts
+    result = run(recipe, stop_at_step=args.stop_at_step)
+    if result.history:
+        last = result.history[-1]
+        print(f"[scaling] step {result.step}: loss {last.loss:.4f} (first {result.history[0].loss:.4f}), "
+              f"target_var {last.target_var:.3f}, pred_var {last.pred_var:.3f}", flush=True)
+    print(f"[scaling] checkpoint: {result.checkpoint}", flush=True)
+    if result.mlflow_run_id:
+        print(f"[scaling] MLflow run {result.mlflow_run_id} in {recipe.tracking.uri} "
+              f"(experiment '{recipe.tracking.experiment}'); view with: mlflow ui --backend-store-uri "
+              f"{recipe.tracking.uri}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""The training loop: micro-batches -> student and teacher -> loss -> optimizer step -> EMA.
+
+Reads top to bottom; every backend difference lives behind ``Engine``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from scaling.checkpoint import Checkpointer
+from scaling.config import EMAConfig, MonitorConfig, ObjectiveConfig, TrainConfig
+from scaling.engines import Engine
+from scaling.objective import make_targets, regression_loss, std_from_stats, variance_stats
+from scaling.plan import BatchPlan
+from scaling.teacher import EMATeacher, ema_decay
+from scaling.tracking import Tracker
+
+
+class CollapseError(RuntimeError):
+    """The collapse guard fired (reference §1.3); a checkpoint was written first."""
+
+
+@dataclass
+class StepStats:
+    loss: float
+    num_masked: int
+    target_var: float
+    pred_var: float
+    local_var: float
+    grad_norm: float
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _valid_rows(x_BTD: torch.Tensor | None, padding_mask_BT: torch.Tensor | None, like_ND: torch.Tensor):
+    """Rows of the local encoder's output at real positions (an empty [0, D] when there is none)."""
+    if x_BTD is None:
+        return like_ND[:0].float()
+    return (x_BTD[~padding_mask_BT] if padding_mask_BT is not None else x_BTD.flatten(0, 1)).float()
+
+
+class Trainer:
+    def __init__(self, *, train_cfg: TrainConfig, objective_cfg: ObjectiveConfig, ema_cfg: EMAConfig,
+                 monitor_cfg: MonitorConfig, grad_clip: float, plan: BatchPlan, engine: Engine, loader,
+                 tracker: Tracker, checkpointer: Checkpointer):
+        self.train_cfg = train_cfg
+        self.objective_cfg = objective_cfg
+        self.ema_cfg = ema_cfg
+        self.monitor_cfg = monitor_cfg
+        self.grad_clip = grad_clip
+        self.plan = plan
+        self.engine = engine
+        self.loader = loader
+        self.tracker = tracker
+        self.checkpointer = checkpointer
+        self.step = 0  # optimizer steps done
+        self.history: list[StepStats] = []
+
+    # ------------------------------------------------------------------ one optimizer step
+    def train_step(self, micro_batches: list[dict]) -> StepStats:
+        engine, obj = self.engine, self.objective_cfg
+        engine.model.train()
+        # The loss is normalised by the masked positions of the whole global batch: every micro-batch
+        # and every rank (reference §1.1 item 5), so results do not depend on how the batch is split.
+        local_masked = sum(int(b["mask_BT"].sum()) for b in micro_batches)
+        num_masked = int(engine.all_reduce_sum(torch.tensor([float(local_masked)], device=engine.device)).item())
+        if num_masked == 0:
+            raise RuntimeError(f"step {self.step}: no masked position in the global batch; check the masking section")
+        # Engines average gradients over ranks; multiply back so the gradient is d(sum loss)/num_masked.
+        loss_weight = engine.world_size / num_masked
+
+        sums = None  # [loss_sum | target stats | pred stats | local-encoder stats], summed over micro-batches
+        for batch in micro_batches:
+            batch = _to_device(batch, engine.device)
+            with engine.autocast():
+                out = engine.model(batch)
+                taps = engine.teacher(out.teacher_x, padding_mask_BT=out.padding_mask_BT,
+                                      num_taps=obj.top_k, tap=obj.tap).taps
+            target_ND = make_targets(taps, obj, out.padding_mask_BT)[out.mask_BT]
+            loss_sum = regression_loss(out.pred_ND, target_ND, obj)
+            engine.backward(loss_sum * loss_weight)
+            with torch.no_grad():
+                parts = [loss_sum.detach().float().view(1), variance_stats(target_ND),
+                         variance_stats(out.pred_ND.detach().float()),
+                         variance_stats(_valid_rows(out.local_features_BTD, out.padding_mask_BT, target_ND))]
+                sizes = [p.numel() for p in parts]
+                sums = torch.cat(parts) if sums is None else sums + torch.cat(parts)
+
+        grad_norm = engine.step(self.grad_clip)
+        teacher_tensors, student_tensors = engine.ema_tensors()
+        EMATeacher.update(teacher_tensors, student_tensors, ema_decay(self.ema_cfg, self.step))
+
+        sums = engine.all_reduce_sum(sums)  # one collective for every logged statistic
+        loss_sum, target_stats, pred_stats, local_stats = sums.split(sizes)
+        return StepStats(
+            loss=float(loss_sum) / num_masked,
+            num_masked=num_masked,
+            target_var=std_from_stats(target_stats),
+            pred_var=std_from_stats(pred_stats),
+            local_var=std_from_stats(local_stats) if local_stats[0] > 1 else float("nan"),
+            grad_norm=grad_norm,
+        )
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, *, start_step: int = 0, stop_at_step: int | None = None) -> list[StepStats]:
+        self.step = start_step
+        last = min(self.train_cfg.max_steps, stop_at_step or self.train_cfg.max_steps)
+        bar = tqdm(total=last, initial=start_step, desc="pretrain", disable=self.engine.rank != 0,
+                   dynamic_ncols=True)
+        samples_per_step = self.plan.global_batch_size
+        while self.step < last:
+            t0 = time.perf_counter()
+            micro_batches = [next(self.loader) for _ in range(self.plan.accumulation)]
+            t_data = time.perf_counter() - t0
+            stats = self.train_step(micro_batches)
+            self.step += 1
+            self.history.append(stats)
+            dt = time.perf_counter() - t0
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats.loss:.4f}", tvar=f"{stats.target_var:.3f}")
+            if self.step % self.train_cfg.log_every == 0 or self.step == last:
+                self.tracker.log_metrics({
+                    "loss": stats.loss, "lr": self.engine.lr, "ema_decay": ema_decay(self.ema_cfg, self.step - 1),
+                    "target_var": stats.target_var, "pred_var": stats.pred_var, "local_var": stats.local_var,
+                    "grad_norm": stats.grad_norm, "samples_per_s": samples_per_step / dt,
+                    "data_wait_s": t_data, "data_wait_share": t_data / dt, "num_masked": stats.num_masked,
+                    "epoch": getattr(self.loader, "epoch", 0),
+                }, step=self.step)
+            self._check_collapse(stats)
+            if self.step % self.checkpointer.cfg.every_steps == 0 or self.step == last:
+                self.save()
+        bar.close()
+        return self.history
+
+    def save(self):
+        return self.checkpointer.save(self.step, {
+            "step": self.step, "data": self.loader.state_dict(), "mlflow_run_id": self.tracker.run_id,
+        })
+
+    def _check_collapse(self, stats: StepStats) -> None:
+        m = self.monitor_cfg
+        if self.step <= m.after_steps:
+            return
+        problems = []
+        if not math.isfinite(stats.loss):
+            problems.append(f"loss is {stats.loss}")
+        if stats.target_var < m.min_target_var:
+            problems.append(f"target_var {stats.target_var:.4g} < monitor.min_target_var {m.min_target_var}")
+        if stats.pred_var < m.min_pred_var:
+            problems.append(f"pred_var {stats.pred_var:.4g} < monitor.min_pred_var {m.min_pred_var}")
+        if problems:
+            path = self.save()
+            raise CollapseError(f"step {self.step}: representation collapse: {'; '.join(problems)}. "
+                                f"Checkpoint written to {path}.")
