@@ -54,13 +54,13 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(RECIPES / modality / "tiny.yaml", overrides)
         result = run(recipe)
         first, last = result.history[0], result.history[-1]
-        rows.append((modality, result.step, first.loss, last.loss, last.target_var, t_data,
+        rows.append((modality, result.step, first.loss, last.loss, last.target_var, last.pred_var, t_data,
                      time.perf_counter() - t0 - t_data, result.checkpoint, result.mlflow_run_id))
 
-    print("\n[demo] modality  steps  loss first -> last  target_var  data s  train s  checkpoint / MLflow run")
-    for m, steps, l0, l1, tv, td, tt, ckpt, run_id in rows:
-        print(f"[demo] {m:8s}  {steps:5d}  {l0:10.4f} -> {l1:.4f}  {tv:10.3f}  {td:6.1f}  {tt:7.1f}  {ckpt}  "
-              f"run {run_id}")
+    print("\n[demo] modality  steps  loss first -> last  target_var  pred_var  data s  train s  checkpoint / MLflow run")
+    for m, steps, l0, l1, tv, pv, td, tt, ckpt, run_id in rows:
+        print(f"[demo] {m:8s}  {steps:5d}  {l0:10.4f} -> {l1:.4f}  {tv:10.3f}  {pv:8.3f}  {td:6.1f}  {tt:7.1f}  "
+              f"{ckpt}  run {run_id}")
     print(f"[demo] MLflow store: {uri}  (mlflow ui --backend-store-uri {uri})")
     return 0
 

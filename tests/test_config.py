@@ -23,7 +23,7 @@ def test_extends_merges_and_set_overrides(recipe_path):
     assert r.train.max_steps == 7 and r.optim.betas == [0.8, 0.9] and r.model.speech.layerdrop == 0.1
     assert r.optim.lr == 3e-4  # YAML 1.1 reads 3e-4 as a string; float fields accept it
     assert r.model.dim == 64  # from tiny.yaml
-    assert r.ema.anneal_steps == 200 and r.optim.eps == 1e-6  # tiny over base, and inherited from base
+    assert r.ema.anneal_steps == 300 and r.optim.eps == 1e-6  # tiny over base, and inherited from base
 
 
 def test_base_recipes_follow_reference_v1_tables(recipe_path):
