@@ -104,7 +104,7 @@ class Trainer:
             num_masked=num_masked,
             target_var=std_from_stats(target_stats),
             pred_var=std_from_stats(pred_stats),
-            local_var=std_from_stats(local_stats) if local_stats[0] > 1 else float("nan"),
+            local_var=std_from_stats(local_stats),  # NaN where the modality has no local encoder
             grad_norm=grad_norm,
         )
 
