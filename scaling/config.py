@@ -225,6 +225,15 @@ class TrackingConfig:
 @dataclass
 class EngineConfig:
     name: Literal["single", "ddp", "fsdp", "deepspeed"] = "single"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on GPU, gloo on CPU
+    # Recompute each transformer block's activations in backward (student only; the teacher has no backward).
+    activation_checkpointing: bool = False
+    # fsdp: True reshards the student's blocks after forward (ZeRO-3-like), False keeps them
+    # gathered until backward (ZeRO-2-like). The teacher always reshards (it never runs backward).
+    reshard_after_forward: bool = True
+    # fsdp: >1 gives hybrid sharding: `replicas` groups, each sharding over world_size / replicas ranks.
+    replicas: int = 1
+    zero_stage: int = 3  # deepspeed: 1, 2 or 3
 
 
 @dataclass
@@ -396,6 +405,12 @@ def validate(r: Recipe, source: str) -> None:
         fail("objective.beta", "must be positive for smooth_l1")
     if not r.data.train_shards:
         fail("data.train_shards", "is empty")
+    if r.engine.zero_stage not in (1, 2, 3):
+        fail("engine.zero_stage", "must be 1, 2 or 3")
+    if r.engine.replicas < 1:
+        fail("engine.replicas", "must be at least 1")
+    if r.train.precision == "fp16" and r.engine.name == "fsdp":
+        fail("train.precision", "fp16 needs dynamic loss scaling: use bf16 with fsdp, or fp16 with deepspeed")
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:

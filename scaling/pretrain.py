@@ -32,6 +32,8 @@ class RunResult:
     step: int
     checkpoint: Path | None
     mlflow_run_id: str | None
+    memory: dict[str, float]  # per-rank bytes after the first step (memory/rank{r}/{kind}_bytes)
+    full_state: dict | None  # gathered student.* / teacher.* tensors (rank 0), when asked for
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,14 +55,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run(recipe: Recipe, *, stop_at_step: int | None = None) -> RunResult:
+def run(recipe: Recipe, *, stop_at_step: int | None = None, gather_state: bool = False) -> RunResult:
     engine = build_engine(recipe.engine, recipe.train)
     plan = BatchPlan.from_config(recipe.train, engine.world_size)
     # Same seed on every rank: the student starts identical everywhere and the teacher is its copy.
     seed_everything(recipe.seed)
     student = build_model(recipe.model)
     teacher = EMATeacher(student.encoder)
-    engine.setup(student, teacher, recipe.optim, recipe.schedule, recipe.train.max_steps)
+    engine.setup(student, teacher, recipe.optim, recipe.schedule, max_steps=recipe.train.max_steps, plan=plan)
     loader = build_loader(recipe.data, recipe.model, recipe.masking, seed=recipe.seed, rank=engine.rank,
                           world_size=engine.world_size, micro_batch_size=plan.micro_batch_size)
     checkpointer = Checkpointer(recipe.checkpoint, engine, to_yaml(recipe))
@@ -85,14 +87,16 @@ def run(recipe: Recipe, *, stop_at_step: int | None = None) -> RunResult:
         print(f"[scaling] {recipe.model.modality}: {plan}; engine {recipe.engine.name}; "
               f"steps {start_step}->{min(recipe.train.max_steps, stop_at_step or recipe.train.max_steps)}",
               flush=True)
-    status = "FAILED"
+    status, full_state = "FAILED", None
     try:
         history = trainer.run(start_step=start_step, stop_at_step=stop_at_step)
+        full_state = engine.full_state_dict() if gather_state else None
         status = "FINISHED"
     finally:
         tracker.finish(status)
         engine.close()
-    return RunResult(history, start_step, trainer.step, find_latest(Path(recipe.checkpoint.dir)), tracker.run_id)
+    return RunResult(history, start_step, trainer.step, find_latest(Path(recipe.checkpoint.dir)), tracker.run_id,
+                     trainer.memory, full_state)
 
 
 def main(argv: list[str] | None = None) -> int:

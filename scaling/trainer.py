@@ -62,6 +62,7 @@ class Trainer:
         self.checkpointer = checkpointer
         self.step = 0  # optimizer steps done
         self.history: list[StepStats] = []
+        self.memory: dict[str, float] = {}
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self, micro_batches: list[dict]) -> StepStats:
@@ -77,7 +78,7 @@ class Trainer:
         loss_weight = engine.world_size / num_masked
 
         sums = None  # [loss_sum | target stats | pred stats | local-encoder stats], summed over micro-batches
-        for batch in micro_batches:
+        for i, batch in enumerate(micro_batches):
             batch = _to_device(batch, engine.device)
             with engine.autocast():
                 out = engine.model(batch)
@@ -85,7 +86,7 @@ class Trainer:
                                       num_taps=obj.top_k, tap=obj.tap).taps
             target_ND = make_targets(taps, obj, out.padding_mask_BT)[out.mask_BT]
             loss_sum = regression_loss(out.pred_ND, target_ND, obj)
-            engine.backward(loss_sum * loss_weight)
+            engine.backward(loss_sum * loss_weight, is_last_micro_batch=i == len(micro_batches) - 1)
             with torch.no_grad():
                 parts = [loss_sum.detach().float().view(1), variance_stats(target_ND),
                          variance_stats(out.pred_ND.detach().float()),
@@ -121,6 +122,8 @@ class Trainer:
             t_data = time.perf_counter() - t0
             stats = self.train_step(micro_batches)
             self.step += 1
+            if self.step == start_step + 1:  # optimizer state exists from the first step on
+                self._log_memory()
             self.history.append(stats)
             dt = time.perf_counter() - t0
             bar.update(1)
@@ -143,6 +146,17 @@ class Trainer:
         return self.checkpointer.save(self.step, {
             "step": self.step, "data": self.loader.state_dict(), "mlflow_run_id": self.tracker.run_id,
         })
+
+    def _log_memory(self) -> None:
+        """Per-rank bytes of params, grads, optimizer state and teacher, gathered to rank 0's tracker."""
+        report = self.engine.memory_report()
+        kinds = sorted(report)
+        table = torch.zeros(self.engine.world_size, len(kinds), dtype=torch.float64, device=self.engine.device)
+        table[self.engine.rank] = torch.tensor([float(report[k]) for k in kinds], dtype=torch.float64)
+        table = self.engine.all_reduce_sum(table).cpu()
+        self.memory = {f"memory/rank{r}/{k}_bytes": float(table[r, j]) for r in range(table.shape[0])
+                       for j, k in enumerate(kinds)}
+        self.tracker.log_metrics(self.memory, step=self.step)
 
     def _check_collapse(self, stats: StepStats) -> None:
         m = self.monitor_cfg

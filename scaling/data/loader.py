@@ -207,7 +207,9 @@ class _SyntheticSource:
             self._markov = (states, succ, np.cumsum(probs, axis=1))
         states, succ, cum = self._markov
         content = self.data_cfg.text.block_size - 2
-        length = int(rng.integers(min(8, content), max(min(8, content), int(1.5 * content)) + 1))
+        # One block per document, so every synthetic sample is one item: a rank split by sample index
+        # then gives every world size the same global batches (engines are tested against one process).
+        length = int(rng.integers(min(8, content), content + 1))
         out = np.empty(length, dtype=np.int64)
         s = int(rng.integers(len(states)))
         u = rng.random(length)

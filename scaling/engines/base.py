@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from scaling.config import OptimConfig, ScheduleConfig, TrainConfig
+from scaling.config import EngineConfig, OptimConfig, ScheduleConfig, TrainConfig
 from scaling.models import Data2Vec
+from scaling.plan import BatchPlan
 from scaling.teacher import EMATeacher
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -30,19 +31,34 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def apply_activation_checkpointing(student: Data2Vec, teacher: EMATeacher) -> None:
+    """Wrap every encoder block of student and teacher alike (so EMA names still pair); the
+    teacher's forward runs under no_grad, where the wrapper only runs the block."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for encoder in (student.encoder, teacher.encoder):
+        for i, block in enumerate(encoder.blocks):
+            encoder.blocks[i] = checkpoint_wrapper(block)
+
+
 class Engine(ABC):
     rank: int = 0
     world_size: int = 1
     device: torch.device
 
-    def __init__(self, train_cfg: TrainConfig):
+    def __init__(self, engine_cfg: EngineConfig, train_cfg: TrainConfig):
+        self.engine_cfg = engine_cfg
         self.precision = train_cfg.precision
         self.autocast_dtype = _DTYPES.get(train_cfg.precision)
 
     # -- building
     @abstractmethod
     def setup(self, student: Data2Vec, teacher: EMATeacher, optim_cfg: OptimConfig,
-              schedule_cfg: ScheduleConfig, max_steps: int) -> None:
+              schedule_cfg: ScheduleConfig, *, max_steps: int, plan: BatchPlan) -> None:
         """Wrap/shard ``student`` and ``teacher`` alike; build optimizer, scheduler and scaler."""
 
     @property
@@ -61,7 +77,8 @@ class Engine(ABC):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     @abstractmethod
-    def backward(self, loss: torch.Tensor) -> None: ...
+    def backward(self, loss: torch.Tensor, *, is_last_micro_batch: bool) -> None:
+        """Backward of one micro-batch; gradients are synchronised across ranks on the last one only."""
 
     @abstractmethod
     def step(self, grad_clip: float) -> float:
@@ -85,10 +102,18 @@ class Engine(ABC):
     # -- state
     @abstractmethod
     def save(self, directory: Path) -> None:
-        """Write student, teacher, optimizer, scheduler and scaler state into ``directory``."""
+        """Write student, teacher, optimizer, scheduler and scaler state into ``directory`` (every rank calls)."""
 
     @abstractmethod
     def load(self, directory: Path) -> None: ...
+
+    @abstractmethod
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full (gathered) ``student.*`` and ``teacher.*`` tensors on rank 0; may be empty elsewhere."""
+
+    @abstractmethod
+    def memory_report(self) -> dict[str, int]:
+        """Bytes this rank holds: ``params``, ``grads`` (during backward), ``optimizer``, ``teacher``."""
 
     def close(self) -> None:
         pass

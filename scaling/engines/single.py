@@ -7,18 +7,22 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from scaling.config import OptimConfig, ScheduleConfig, TrainConfig
-from scaling.engines.base import Engine, pick_device
+from scaling.config import EngineConfig, OptimConfig, ScheduleConfig, TrainConfig
+from scaling.plan import BatchPlan
+from scaling.engines.base import Engine, apply_activation_checkpointing, pick_device, tensor_bytes
 from scaling.optim import build_optimizer, build_scheduler
 from scaling.teacher import ema_pairs
 
 
 class SingleEngine(Engine):
-    def __init__(self, train_cfg: TrainConfig):
-        super().__init__(train_cfg)
+    def __init__(self, engine_cfg: EngineConfig, train_cfg: TrainConfig):
+        super().__init__(engine_cfg, train_cfg)
         self.device = pick_device(train_cfg.device)
 
-    def setup(self, student, teacher, optim_cfg: OptimConfig, schedule_cfg: ScheduleConfig, max_steps: int):
+    def setup(self, student, teacher, optim_cfg: OptimConfig, schedule_cfg: ScheduleConfig, *, max_steps: int,
+              plan: BatchPlan):
+        if self.engine_cfg.activation_checkpointing:
+            apply_activation_checkpointing(student, teacher)
         self._student = student.to(self.device)
         self._teacher = teacher.to(self.device)
         self.optimizer = build_optimizer(self._student, optim_cfg)
@@ -39,7 +43,7 @@ class SingleEngine(Engine):
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def backward(self, loss):
+    def backward(self, loss, *, is_last_micro_batch: bool):
         self.scaler.scale(loss).backward()
 
     def step(self, grad_clip: float) -> float:
@@ -58,10 +62,25 @@ class SingleEngine(Engine):
     def ema_tensors(self):
         return self._pairs
 
-    def save(self, directory: Path) -> None:
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
         tensors = {f"student.{k}": v for k, v in self._student.state_dict().items()}
         tensors.update({f"teacher.{k}": v for k, v in self._teacher.encoder.state_dict().items()})
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, directory / "model.safetensors")
+        return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+    def memory_report(self) -> dict[str, int]:
+        trainable = [p for p in self._student.parameters() if p.requires_grad]
+        return {
+            "params": tensor_bytes(self._student.parameters()),
+            "grads": tensor_bytes(trainable),  # fp32 gradients, one per trainable parameter
+            "optimizer": tensor_bytes(t for s in self.optimizer.state.values() for t in s.values()
+                                      if isinstance(t, torch.Tensor)),
+            "teacher": tensor_bytes(self._teacher.parameters()),
+        }
+
+    def save(self, directory: Path) -> None:
+        if self.rank != 0:  # replicated state: one writer
+            return
+        save_file(self.full_state_dict(), directory / "model.safetensors")
         torch.save(
             {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
              "scaler": self.scaler.state_dict()},

@@ -1,0 +1,68 @@
+"""Run ``scaling.pretrain.run`` on N gloo ranks inside a test (torch.multiprocessing.spawn)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_recipe(modality: str, overrides: list[str], stop_at_step: int | None = None) -> dict:
+    """One rank's run of recipes/<modality>/tiny.yaml; returns what the tests compare."""
+    from scaling.config import load_recipe
+    from scaling.pretrain import run
+
+    result = run(load_recipe(REPO / "recipes" / modality / "tiny.yaml", overrides), stop_at_step=stop_at_step,
+                 gather_state=True)
+    return {"losses": [h.loss for h in result.history], "num_masked": [h.num_masked for h in result.history],
+            "state": result.full_state, "memory": result.memory, "step": result.step}
+
+
+def _worker(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1",
+                      MLFLOW_DISABLE_TELEMETRY="true", DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    result = fn(*args)
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def spawn(fn, *args, world_size: int = 2) -> list:
+    """Run ``fn(*args)`` on ``world_size`` ranks; returns each rank's return value."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_worker, args=(world_size, free_port(), out_dir, fn, args), nprocs=world_size, join=True)
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+
+
+def run_single(modality: str, overrides: list[str], stop_at_step: int | None = None) -> dict:
+    """The same run in this process, one rank (the reference)."""
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        os.environ.pop(k, None)
+    return run_recipe(modality, overrides, stop_at_step)
+
+
+def assert_same_run(ref: dict, ranks: list[dict], *, rtol=1e-4, teacher_atol=1e-5):
+    for r in ranks:  # every rank saw the same global losses
+        assert r["num_masked"] == ref["num_masked"]
+        torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref["losses"]), rtol=rtol, atol=0)
+    gathered = ranks[0]["state"]
+    teacher_keys = [k for k in ref["state"] if k.startswith("teacher.")]
+    assert teacher_keys and set(teacher_keys) <= set(gathered)
+    for k in teacher_keys:
+        torch.testing.assert_close(gathered[k], ref["state"][k], rtol=0, atol=teacher_atol, msg=k)
+
+
+sys.path.insert(0, str(REPO))
