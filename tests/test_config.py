@@ -61,10 +61,18 @@ def test_bad_file_names_file_and_key(tmp_path):
         load_recipe(tmp_path / "missing.yaml")
 
 
-def test_batch_plan():
+def test_batch_plan_fits_any_world_size():
     from scaling.config import TrainConfig
 
     plan = BatchPlan.from_config(TrainConfig(global_batch_size=32, micro_batch_size=4), world_size=2)
     assert (plan.micro_batch_size, plan.accumulation, plan.world_size) == (4, 4, 2)
-    with pytest.raises(ValueError, match="global_batch_size \\(30\\)"):
-        BatchPlan.from_config(TrainConfig(global_batch_size=30, micro_batch_size=4), world_size=2)
+    # micro_batch_size is an upper bound: 30 over 2 ranks is 15 each = 3 x 5
+    plan = BatchPlan.from_config(TrainConfig(global_batch_size=30, micro_batch_size=4), world_size=2)
+    assert (plan.micro_batch_size, plan.accumulation) == (3, 5)
+    plan = BatchPlan.from_config(TrainConfig(global_batch_size=16, micro_batch_size=16), world_size=2)
+    assert (plan.micro_batch_size, plan.accumulation) == (8, 1)
+    for world in (1, 2, 3, 4, 6, 8):
+        plan = BatchPlan.from_config(TrainConfig(global_batch_size=48, micro_batch_size=5), world_size=world)
+        assert plan.micro_batch_size * plan.accumulation * world == 48 and plan.micro_batch_size <= 5
+    with pytest.raises(ValueError, match=r"global_batch_size \(30\) must be a multiple of the world size \(4\)"):
+        BatchPlan.from_config(TrainConfig(global_batch_size=30, micro_batch_size=4), world_size=4)
