@@ -122,10 +122,15 @@ class PosConv(nn.Module):
         kernel = max(3, width // depth)
         self.layers = nn.ModuleList(PosConvLayer(dim, kernel, groups, eps) for _ in range(depth))
 
-    def forward(self, x_BTD: Tensor) -> Tensor:
+    def forward(self, x_BTD: Tensor, padding_mask_BT: Optional[Tensor] = None) -> Tensor:
+        # fairseq zeroes padded frames once, before the first layer; with 2+ layers the first layer's
+        # output at padded frames then leaks into real frames near the end of a clip, so a clip's
+        # features would depend on how much its batch is padded (and on the micro-batch split). We
+        # zero padded frames before every layer: identical for an unpadded clip, padding-invariant.
+        keep = None if padding_mask_BT is None else (~padding_mask_BT)[:, None, :]
         x = x_BTD.transpose(1, 2)
         for layer in self.layers:
-            x = layer(x)
+            x = layer(x if keep is None else x * keep.to(x.dtype))
         return x.transpose(1, 2)
 
 
@@ -156,7 +161,7 @@ class SpeechFrontend(nn.Module):
     def _add_pos(self, x: Tensor, padding_mask_BT: Optional[Tensor]) -> Tensor:
         if padding_mask_BT is not None:
             x = torch.where(padding_mask_BT[..., None], torch.zeros((), dtype=x.dtype, device=x.device), x)
-        return x + self.pos_conv(x)
+        return x + self.pos_conv(x, padding_mask_BT)
 
     def forward(self, batch: dict[str, Tensor]) -> FrontendOutput:
         audio = batch["audio_BT"]
