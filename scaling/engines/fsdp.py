@@ -1,0 +1,222 @@
+"""FSDP2 (``fully_shard``): student and fp32 EMA teacher sharded alike, EMA on local shards.
+
+Layout (torchtitan's order, scaling-anchors §5.1): activation checkpointing, then ``fully_shard``
+on every encoder block, then on the root, for the student and for the teacher with the same mesh,
+the same units and the same ``MixedPrecisionPolicy``. Every parameter is then a DTensor sharded on
+dim 0, and a teacher parameter's local shard covers exactly the same elements as the student
+parameter of the same name, so the EMA (reference §2.7) is one ``_foreach_lerp_`` over the local
+fp32 shards with no communication.
+
+- bf16: ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``. The sharded parameters
+  (optimizer masters and the teacher) stay fp32; each forward all-gathers a bf16 cast. No autocast.
+- The teacher root is wrapped with ``reshard_after_forward=True`` explicitly: it never runs
+  backward, so with False (or FSDP's default for a root) its parameters would stay unsharded after
+  the first forward and every later forward would silently reuse the step-0 weights.
+- ``engine.replicas > 1``: hybrid sharding on a 2-D mesh (replicate, shard).
+- Checkpoints: torch.distributed.checkpoint (each rank writes its shards) of student, teacher and
+  optimizer under ``<dir>/dcp``, plus the replicated LR-scheduler state in ``<dir>/scheduler.pt``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from scaling.config import EngineConfig, OptimConfig, ScheduleConfig, TrainConfig
+from scaling.distributed import env_info, init_process_group
+from scaling.engines.base import Engine, apply_activation_checkpointing, pick_device
+from scaling.optim import build_optimizer, build_scheduler
+from scaling.plan import BatchPlan
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+def _local_bytes(tensors) -> int:
+    return sum(_local(t).numel() * _local(t).element_size() for t in tensors)
+
+
+class FSDPEngine(Engine):
+    def __init__(self, engine_cfg: EngineConfig, train_cfg: TrainConfig):
+        super().__init__(engine_cfg, train_cfg)
+        if train_cfg.precision == "fp16":  # also rejected by recipe validation
+            raise ValueError("train.precision: fp16 needs dynamic loss scaling: use bf16 with fsdp")
+        info = env_info()
+        replicas = engine_cfg.replicas
+        if replicas < 1 or info.world_size % replicas:
+            raise ValueError(f"engine.replicas ({replicas}) must divide the world size ({info.world_size})")
+        self.device = pick_device(train_cfg.device, info.local_rank)
+        info = init_process_group(engine_cfg.backend, self.device)
+        self.rank, self.world_size = info.rank, info.world_size
+        if replicas > 1:
+            self.mesh = init_device_mesh(self.device.type, (replicas, self.world_size // replicas),
+                                         mesh_dim_names=("replicate", "shard"))
+        else:
+            self.mesh = init_device_mesh(self.device.type, (self.world_size,))
+        # The policy casts parameters and inputs; autocast on top would only add casts.
+        self.autocast_dtype = None
+        if train_cfg.precision == "bf16":
+            self.mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        else:
+            self.mp_policy = MixedPrecisionPolicy()
+
+    # ------------------------------------------------------------------ building
+    def setup(self, student, teacher, optim_cfg: OptimConfig, schedule_cfg: ScheduleConfig, *, max_steps: int,
+              plan: BatchPlan):
+        if self.engine_cfg.activation_checkpointing:  # before sharding, student and teacher alike
+            apply_activation_checkpointing(student, teacher)
+        student.to(self.device)
+        teacher.to(self.device)
+        raf = self.engine_cfg.reshard_after_forward
+        for block in student.encoder.blocks:
+            fully_shard(block, mesh=self.mesh, mp_policy=self.mp_policy, reshard_after_forward=raf)
+        fully_shard(student, mesh=self.mesh, mp_policy=self.mp_policy, reshard_after_forward=raf)
+        for block in teacher.encoder.blocks:
+            fully_shard(block, mesh=self.mesh, mp_policy=self.mp_policy, reshard_after_forward=True)
+        fully_shard(teacher, mesh=self.mesh, mp_policy=self.mp_policy, reshard_after_forward=True)
+        self._student, self._teacher = student, teacher
+        self.optimizer = build_optimizer(student, optim_cfg)  # DTensor params: the optimizer state is sharded
+        self.scheduler = build_scheduler(self.optimizer, schedule_cfg, max_steps)
+        self._pairs = self._ema_pairs()
+        self._locals: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        self._copy_buffers()
+
+    def _ema_pairs(self) -> list[tuple[DTensor, DTensor]]:
+        """(teacher, student) encoder parameters paired by name, with identical sharding."""
+        student_params = dict(self._student.encoder.named_parameters())
+        pairs = []
+        for name, t in self._teacher.encoder.named_parameters():
+            s = student_params.get(name)
+            assert s is not None, f"teacher parameter {name} has no student counterpart"
+            # Not a DTensor means a module was left unsharded; different placements or local shapes
+            # mean different sharding: either way the local EMA would pair the wrong elements.
+            assert isinstance(t, DTensor) and isinstance(s, DTensor), f"{name}: {type(t).__name__}, {type(s).__name__}"
+            assert t.device_mesh == s.device_mesh and t.placements == s.placements, \
+                f"{name}: teacher {t.placements} vs student {s.placements}"
+            assert t.shape == s.shape and t._local_tensor.shape == s._local_tensor.shape, \
+                f"{name}: teacher local {tuple(t._local_tensor.shape)} vs student {tuple(s._local_tensor.shape)}"
+            assert t._local_tensor.dtype == torch.float32, f"{name}: the teacher must stay fp32"
+            pairs.append((t, s))
+        assert len(pairs) == len(student_params), "the teacher must cover every student encoder parameter"
+        return pairs
+
+    def _copy_buffers(self) -> None:
+        """Buffers are not sharded (FSDP2 leaves them replicated): a local copy, as fairseq does."""
+        student_buffers = dict(self._student.encoder.named_buffers())
+        with torch.no_grad():
+            for name, b in self._teacher.encoder.named_buffers():
+                b.copy_(student_buffers[name])
+
+    # ------------------------------------------------------------------ interface
+    @property
+    def model(self) -> nn.Module:
+        return self._student
+
+    @property
+    def teacher(self):
+        return self._teacher
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def backward(self, loss, *, is_last_micro_batch: bool):
+        self._student.set_requires_gradient_sync(is_last_micro_batch)
+        loss.backward()
+
+    def step(self, grad_clip: float) -> float:
+        params = [p for p in self._student.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        if isinstance(norm, DTensor):  # partial norms of the shards: reduce once
+            norm = norm.full_tensor()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm, foreach=True)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def ema_tensors(self):
+        # Taken after FSDP's lazy init (first forward), which may re-point the local tensor of an
+        # empty shard; the non-empty ones keep their storage for the whole run (load is in place).
+        if self._locals is None:
+            self._locals = ([t._local_tensor for t, _ in self._pairs], [s._local_tensor for _, s in self._pairs])
+        return self._locals
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    # ------------------------------------------------------------------ state
+    def _dcp_state(self) -> dict:
+        # Never ignore_frozen_params=True: it drops the (requires_grad=False) teacher.
+        return {"student": get_model_state_dict(self._student), "teacher": get_model_state_dict(self._teacher),
+                "optim": get_optimizer_state_dict(self._student, self.optimizer)}
+
+    def save(self, directory: Path) -> None:
+        dcp.save(self._dcp_state(), checkpoint_id=Path(directory) / "dcp")
+        if self.rank == 0:
+            torch.save({"scheduler": self.scheduler.state_dict()}, Path(directory) / "scheduler.pt")
+
+    def load(self, directory: Path) -> None:
+        before = [t.untyped_storage().data_ptr() for pair in self._pairs for t in (pair[0]._local_tensor,
+                                                                                 pair[1]._local_tensor)
+                  if t.numel()]
+        state = self._dcp_state()
+        dcp.load(state, checkpoint_id=Path(directory) / "dcp")
+        set_model_state_dict(self._student, state["student"])
+        set_model_state_dict(self._teacher, state["teacher"])
+        set_optimizer_state_dict(self._student, self.optimizer, state["optim"])
+        after = [t.untyped_storage().data_ptr() for pair in self._pairs for t in (pair[0]._local_tensor,
+                                                                                pair[1]._local_tensor)
+                 if t.numel()]
+        assert before == after, "loading must restore the shards in place (the EMA caches their local tensors)"
+        self._locals = None
+        sched = torch.load(Path(directory) / "scheduler.pt", weights_only=True)
+        self.scheduler.load_state_dict(sched["scheduler"])
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Gathered fp32 tensors on rank 0 (every rank must call), named as the single engine names them."""
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        student = get_model_state_dict(self._student, options=opts)
+        teacher = get_model_state_dict(self._teacher, options=opts)
+        if self.rank != 0:
+            return {}
+        tensors = {f"student.{k}": v for k, v in student.items()}
+        prefix = "encoder."  # the single engine saves teacher.encoder.state_dict()
+        assert all(k.startswith(prefix) for k in teacher), list(teacher)
+        tensors.update({f"teacher.{k[len(prefix):]}": v for k, v in teacher.items()})
+        return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+    def memory_report(self) -> dict[str, int]:
+        trainable = [p for p in self._student.parameters() if p.requires_grad]
+        return {
+            "params": _local_bytes(self._student.parameters()),
+            "grads": sum(_local(p).numel() * 4 for p in trainable),  # fp32 gradient shards (reduce_dtype)
+            "optimizer": _local_bytes(t for s in self.optimizer.state.values() for t in s.values()
+                                      if isinstance(t, torch.Tensor)),
+            "teacher": _local_bytes(self._teacher.parameters()),
+        }
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
