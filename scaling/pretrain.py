@@ -34,6 +34,7 @@ class RunResult:
     mlflow_run_id: str | None
     memory: dict[str, float]  # per-rank bytes after the first step (memory/rank{r}/{kind}_bytes)
     full_state: dict | None  # gathered student.* / teacher.* tensors (rank 0), when asked for
+    rank: int
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -96,7 +97,7 @@ def run(recipe: Recipe, *, stop_at_step: int | None = None, gather_state: bool =
         tracker.finish(status)
         engine.close()
     return RunResult(history, start_step, trainer.step, find_latest(Path(recipe.checkpoint.dir)), tracker.run_id,
-                     trainer.memory, full_state)
+                     trainer.memory, full_state, engine.rank)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)  # validates every key before anything starts
     result = run(recipe, stop_at_step=args.stop_at_step)
+    if result.rank != 0:
+        return 0
     if result.history:
         last = result.history[-1]
         print(f"[scaling] step {result.step}: loss {last.loss:.4f} (first {result.history[0].loss:.4f}), "
