@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-DEFAULT_ENGINES = "speech=ddp,vision=ddp,text=ddp"
+DEFAULT_ENGINES = "speech=fsdp,vision=deepspeed,text=fsdp"
 
 
 def build_data(modality: str, out_dir: Path) -> list[str]:

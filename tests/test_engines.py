@@ -11,7 +11,7 @@ def _common(tmp_path, name, *extra):
             "checkpoint.every_steps=100", f"checkpoint.dir={tmp_path}/{name}", "checkpoint.resume=never", *extra]
 
 
-@pytest.mark.parametrize("modality", ["text"])
+@pytest.mark.parametrize("modality", ["text", "speech"])
 def test_ddp_matches_single(tmp_path, modality):
     ref = run_single(modality, _common(tmp_path, "ref", "train.micro_batch_size=8"))
     ranks = spawn(run_recipe, modality, _common(tmp_path, "ddp", "engine.name=ddp", "train.micro_batch_size=4"))

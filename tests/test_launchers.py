@@ -22,7 +22,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHERS = REPO / "launchers"
 BIN = Path(sys.executable).parent  # torchrun and deepspeed of this interpreter's venv; never PATH's
-ZERO3_MODALITY = "text"  # ZeRO-3 on the vision recipe fails in backward (engine bug, reported)
+ZERO3_MODALITY = "vision"
 
 # Variables of an enclosing job or launcher that would change what the scripts do.
 _INHERITED = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NNODES",
@@ -300,9 +300,11 @@ def test_two_nodes_torchrun_rendezvous(tmp_path, two_nodes, modality, engine):
     report = "\n".join(f"--- node{i}\n{t[-4000:]}" for i, t in enumerate(text))
     assert codes == [0, 0], f"exit codes {codes}\n{report}"
     name = engine[0].split("=")[1]
-    assert sum(f"world 2; engine {name}" in t for t in text) == 1, report  # one rank 0 across the two nodes
+    # one rank 0 across the two nodes: it alone prints the plan and the closing summary
+    assert sum(f"world 2; engine {name}" in t for t in text) == 1, report
+    assert sum("step 3: loss" in t for t in text) == 1, report
     for t in text:
-        assert "--rdzv-backend c10d --rdzv-endpoint 198.18.0.1:29400" in t and "step 3: loss" in t, report
+        assert "--rdzv-backend c10d --rdzv-endpoint 198.18.0.1:29400" in t, report
     _assert_checkpoint(tmp_path, name)
     for n, (rx0, tx0) in zip(two_nodes, before):  # the ranks talked over the veth pair
         rx, tx = _counters(n)
