@@ -27,36 +27,16 @@
 #   DRY_RUN=1        print the command and exit
 set -euo pipefail
 
-usage() {
-    sed -n '2,4p' "$0" | sed 's/^# \{0,1\}//' >&2
-    echo "see launchers/README.md for the environment variables" >&2
-    exit "${1:-2}"
-}
-[[ $# -ge 1 ]] || usage 2
-case "$1" in -h|--help) usage 0 ;; -*) echo "deepspeed.sh: the first argument must be the recipe, got '$1'" >&2; usage 2 ;; esac
-recipe=$1
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+launcher_prelude deepspeed.sh "${DEEPSPEED:-deepspeed}" DEEPSPEED "$@"
 shift
-[[ -f $recipe ]] || { echo "deepspeed.sh: recipe not found: $recipe" >&2; exit 2; }
-
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"   # `scaling` importable without `pip install -e .`
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-
-deepspeed=${DEEPSPEED:-deepspeed}
-deepspeed_path=$(command -v "$deepspeed") || {
-    echo "deepspeed.sh: '$deepspeed' not found; activate the venv or set DEEPSPEED=/path/to/deepspeed" >&2
-    exit 2
-}
-if [[ -z ${PYTHON:-} ]]; then
-    PYTHON=$(dirname "$deepspeed_path")/python
-    [[ -x $PYTHON ]] || PYTHON=python3
-fi
+deepspeed=$tool_path
 
 cmd=("$deepspeed" --master_port "${MASTER_PORT:-29600}")
 if [[ -n ${NUM_GPUS:-} ]]; then
     cmd+=(--num_gpus "$NUM_GPUS")
 elif [[ -z ${HOSTFILE:-} ]]; then
-    gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+    gpus=$(count_gpus)
     # With GPUs the runner counts them itself (and honours CUDA_VISIBLE_DEVICES, which --num_gpus would
     # override). Without, its CPU accelerator reports one "device" per NUMA node.
     (( gpus > 0 )) || cmd+=(--num_gpus 2)
@@ -92,6 +72,4 @@ for a in "$@"; do
 done
 cmd+=(--module scaling.pretrain "$recipe" "${engine[@]}" "$@")
 
-echo "[launchers] ${cmd[*]}" >&2
-[[ ${DRY_RUN:-0} == 1 ]] && exit 0
-exec "${cmd[@]}"
+launch "${cmd[@]}"

@@ -24,33 +24,13 @@
 # to the interface the nodes reach each other on when the hostname resolves to another one.
 set -euo pipefail
 
-usage() {
-    sed -n '2,4p' "$0" | sed 's/^# \{0,1\}//' >&2
-    echo "see launchers/README.md for the environment variables" >&2
-    exit "${1:-2}"
-}
-[[ $# -ge 1 ]] || usage 2
-case "$1" in -h|--help) usage 0 ;; -*) echo "torchrun.sh: the first argument must be the recipe, got '$1'" >&2; usage 2 ;; esac
-recipe=$1
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+launcher_prelude torchrun.sh "${TORCHRUN:-torchrun}" TORCHRUN "$@"
 shift
-[[ -f $recipe ]] || { echo "torchrun.sh: recipe not found: $recipe" >&2; exit 2; }
-
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"   # `scaling` importable without `pip install -e .`
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-
-torchrun=${TORCHRUN:-torchrun}
-torchrun_path=$(command -v "$torchrun") || {
-    echo "torchrun.sh: '$torchrun' not found; activate the venv or set TORCHRUN=/path/to/torchrun" >&2
-    exit 2
-}
-if [[ -z ${PYTHON:-} ]]; then
-    PYTHON=$(dirname "$torchrun_path")/python
-    [[ -x $PYTHON ]] || PYTHON=python3
-fi
+torchrun=$tool_path
 
 if [[ -z ${NPROC_PER_NODE:-} ]]; then
-    gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+    gpus=$(count_gpus)
     NPROC_PER_NODE=$(( gpus > 0 ? gpus : 2 ))
 fi
 
@@ -73,6 +53,4 @@ fi
 [[ -z ${TORCHRUN_ARGS:-} ]] || cmd+=($TORCHRUN_ARGS)
 cmd+=(-m scaling.pretrain "$recipe" "$@")
 
-echo "[launchers] ${cmd[*]}" >&2
-[[ ${DRY_RUN:-0} == 1 ]] && exit 0
-exec "${cmd[@]}"
+launch "${cmd[@]}"

@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from scaling.config import EngineConfig, OptimConfig, ScheduleConfig, TrainConfig
@@ -61,14 +62,17 @@ class Engine(ABC):
               schedule_cfg: ScheduleConfig, *, max_steps: int, plan: BatchPlan) -> None:
         """Wrap/shard ``student`` and ``teacher`` alike; build optimizer, scheduler and scaler."""
 
-    @property
-    @abstractmethod
-    def model(self) -> nn.Module:
-        """The student as it must be called for training (wrapped where the engine wraps it)."""
+    _model: nn.Module  # set by setup()
+    _teacher: EMATeacher
 
     @property
-    @abstractmethod
-    def teacher(self) -> EMATeacher: ...
+    def model(self) -> nn.Module:
+        """The student as it must be called for training (wrapped where the engine wraps it)."""
+        return self._model
+
+    @property
+    def teacher(self) -> EMATeacher:
+        return self._teacher
 
     # -- one optimizer step
     def autocast(self):
@@ -89,8 +93,8 @@ class Engine(ABC):
         """(teacher, student) tensors the EMA pairs: this rank's local fp32 pieces, paired by name."""
 
     @property
-    @abstractmethod
-    def lr(self) -> float: ...
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
 
     # -- collectives the loop needs
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
@@ -117,3 +121,19 @@ class Engine(ABC):
 
     def close(self) -> None:
         pass
+
+
+class ProcessGroup:
+    """The collectives of an engine that runs on a torch.distributed process group (mixed in first)."""
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import contextlib
 
-import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from scaling.config import EngineConfig, OptimConfig, ScheduleConfig, TrainConfig
 from scaling.plan import BatchPlan
 from scaling.distributed import init_process_group
-from scaling.engines.base import pick_device
+from scaling.engines.base import ProcessGroup, pick_device
 from scaling.engines.single import SingleEngine
 
 
-class DDPEngine(SingleEngine):
+class DDPEngine(ProcessGroup, SingleEngine):
     def __init__(self, engine_cfg: EngineConfig, train_cfg: TrainConfig):
         super().__init__(engine_cfg, train_cfg)
         from scaling.distributed import env_info
@@ -33,28 +31,12 @@ class DDPEngine(SingleEngine):
         super().setup(student, teacher, optim_cfg, schedule_cfg, max_steps=max_steps, plan=plan)
         # LayerDrop skips whole blocks, whose parameters then get no gradient in that step.
         unused = getattr(student.encoder, "layerdrop", 0.0) > 0
-        self._ddp = DistributedDataParallel(
+        self._model = DistributedDataParallel(
             self._student, device_ids=[self.device.index] if self.device.type == "cuda" else None,
             find_unused_parameters=unused,
         )
 
-    @property
-    def model(self):
-        return self._ddp
-
     def backward(self, loss, *, is_last_micro_batch: bool):
-        sync = contextlib.nullcontext() if is_last_micro_batch else self._ddp.no_sync()
+        sync = contextlib.nullcontext() if is_last_micro_batch else self._model.no_sync()
         with sync:
             self.scaler.scale(loss).backward()
-
-    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.clone()
-        dist.all_reduce(t)
-        return t
-
-    def barrier(self) -> None:
-        dist.barrier()
-
-    def close(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()

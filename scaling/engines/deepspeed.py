@@ -53,7 +53,7 @@ from torch import nn
 
 from scaling.config import EngineConfig, OptimConfig, ScheduleConfig, TrainConfig
 from scaling.distributed import env_info, init_process_group
-from scaling.engines.base import Engine, apply_activation_checkpointing, pick_device, tensor_bytes
+from scaling.engines.base import Engine, ProcessGroup, apply_activation_checkpointing, pick_device, tensor_bytes
 from scaling.optim import build_scheduler, param_groups
 from scaling.plan import BatchPlan
 
@@ -87,7 +87,7 @@ class _StudentCall(nn.Module):
         return self.ds(batch)
 
 
-class DeepSpeedEngine(Engine):
+class DeepSpeedEngine(ProcessGroup, Engine):
     def __init__(self, engine_cfg: EngineConfig, train_cfg: TrainConfig):
         super().__init__(engine_cfg, train_cfg)
         if engine_cfg.zero_stage not in (1, 2, 3):
@@ -151,14 +151,6 @@ class DeepSpeedEngine(Engine):
             self._setup_teacher_z3(deepspeed)
         else:
             self._setup_teacher_z12()
-
-    @property
-    def model(self):
-        return self._model
-
-    @property
-    def teacher(self):
-        return self._teacher
 
     @property
     def lr(self) -> float:
@@ -319,14 +311,6 @@ class DeepSpeedEngine(Engine):
         return self._tparts, [masters[g] for g in self._tgroups]
 
     # ------------------------------------------------------------------ collectives
-    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.clone()
-        dist.all_reduce(t)
-        return t
-
-    def barrier(self) -> None:
-        dist.barrier()
-
     # ------------------------------------------------------------------ state
     def _teacher_parts(self) -> tuple[list[str], list[torch.Tensor]]:
         if self.stage == 3:
@@ -420,10 +404,9 @@ class DeepSpeedEngine(Engine):
                 "teacher": tensor_bytes(parts)}
 
     def close(self) -> None:
-        for h in self._hooks if hasattr(self, "_hooks") else []:
+        for h in getattr(self, "_hooks", []):
             h.remove()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        super().close()
         # Let a later engine in this process re-adopt a fresh process group.
         import deepspeed.comm.comm as ds_comm
 

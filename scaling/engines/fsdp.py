@@ -22,9 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -38,7 +36,7 @@ from torch.distributed.tensor import DTensor
 
 from scaling.config import EngineConfig, OptimConfig, ScheduleConfig, TrainConfig
 from scaling.distributed import env_info, init_process_group
-from scaling.engines.base import Engine, apply_activation_checkpointing, pick_device
+from scaling.engines.base import Engine, ProcessGroup, apply_activation_checkpointing, pick_device
 from scaling.optim import build_optimizer, build_scheduler
 from scaling.plan import BatchPlan
 
@@ -51,7 +49,7 @@ def _local_bytes(tensors) -> int:
     return sum(_local(t).numel() * _local(t).element_size() for t in tensors)
 
 
-class FSDPEngine(Engine):
+class FSDPEngine(ProcessGroup, Engine):
     def __init__(self, engine_cfg: EngineConfig, train_cfg: TrainConfig):
         super().__init__(engine_cfg, train_cfg)
         if train_cfg.precision == "fp16":  # also rejected by recipe validation
@@ -89,7 +87,8 @@ class FSDPEngine(Engine):
         for block in teacher.encoder.blocks:
             fully_shard(block, mesh=self.mesh, mp_policy=self.mp_policy, reshard_after_forward=True)
         fully_shard(teacher, mesh=self.mesh, mp_policy=self.mp_policy, reshard_after_forward=True)
-        self._student, self._teacher = student, teacher
+        self._student = self._model = student
+        self._teacher = teacher
         self.optimizer = build_optimizer(student, optim_cfg)  # DTensor params: the optimizer state is sharded
         self.scheduler = build_scheduler(self.optimizer, schedule_cfg, max_steps)
         self._pairs = self._ema_pairs()
@@ -123,18 +122,6 @@ class FSDPEngine(Engine):
                 b.copy_(student_buffers[name])
 
     # ------------------------------------------------------------------ interface
-    @property
-    def model(self) -> nn.Module:
-        return self._student
-
-    @property
-    def teacher(self):
-        return self._teacher
-
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
-
     def backward(self, loss, *, is_last_micro_batch: bool):
         self._student.set_requires_gradient_sync(is_last_micro_batch)
         loss.backward()
@@ -157,14 +144,6 @@ class FSDPEngine(Engine):
         if self._locals is None:
             self._locals = ([t._local_tensor for t, _ in self._pairs], [s._local_tensor for _, s in self._pairs])
         return self._locals
-
-    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.clone()
-        dist.all_reduce(t)
-        return t
-
-    def barrier(self) -> None:
-        dist.barrier()
 
     # ------------------------------------------------------------------ state
     def _dcp_state(self) -> dict:
@@ -216,7 +195,3 @@ class FSDPEngine(Engine):
                                       if isinstance(t, torch.Tensor)),
             "teacher": _local_bytes(self._teacher.parameters()),
         }
-
-    def close(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()

@@ -23,25 +23,13 @@ class SingleEngine(Engine):
               plan: BatchPlan):
         if self.engine_cfg.activation_checkpointing:
             apply_activation_checkpointing(student, teacher)
-        self._student = student.to(self.device)
+        self._student = self._model = student.to(self.device)
         self._teacher = teacher.to(self.device)
         self.optimizer = build_optimizer(self._student, optim_cfg)
         self.scheduler = build_scheduler(self.optimizer, schedule_cfg, max_steps)
         # fp16 needs dynamic loss scaling; bf16 and fp32 do not.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self._pairs = ema_pairs(self._teacher.encoder, self._student.encoder)
-
-    @property
-    def model(self):
-        return self._student
-
-    @property
-    def teacher(self):
-        return self._teacher
-
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
 
     def backward(self, loss, *, is_last_micro_batch: bool):
         self.scaler.scale(loss).backward()
