@@ -54,7 +54,7 @@ from torch import nn
 from scaling.config import EngineConfig, OptimConfig, ScheduleConfig, TrainConfig
 from scaling.distributed import env_info, init_process_group
 from scaling.engines.base import Engine, ProcessGroup, apply_activation_checkpointing, pick_device, tensor_bytes
-from scaling.optim import build_scheduler, param_groups
+from scaling.optim import build_optimizer, build_scheduler, param_groups
 from scaling.plan import BatchPlan
 
 _TAG = "deepspeed"  # save_checkpoint's sub-directory (relative: the Checkpointer renames the parent)
@@ -134,8 +134,7 @@ class DeepSpeedEngine(ProcessGroup, Engine):
         encoder_groups = [g for g in param_groups(student.encoder, optim_cfg.weight_decay) if g["params"]]
         groups = encoder_groups + [g for g in param_groups(rest, optim_cfg.weight_decay) if g["params"]]
         self._num_encoder_groups = len(encoder_groups)
-        optimizer = torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
-                                      foreach=True)
+        optimizer = build_optimizer(student, optim_cfg, groups)
         scheduler = build_scheduler(optimizer, schedule_cfg, max_steps)
         # DeepSpeed steps the scheduler on every optimizer step (not on skipped fp16 overflow steps)
         # and saves/restores it in its checkpoint.
