@@ -54,7 +54,7 @@ def summary(uri: str, run_id: str) -> dict[str, float]:
     client = MlflowClient(tracking_uri=uri)
     loss = sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)
     metrics = client.get_run(run_id).data.metrics
-    return {"first": loss[0].value, "last": loss[-1].value, "steps": loss[-1].step,
+    return {"first": loss[0].value, "first_step": loss[0].step, "last": loss[-1].value, "steps": loss[-1].step,
             "target_var": metrics["target_var"], "pred_var": metrics["pred_var"],
             "samples_per_s": metrics["samples_per_s"]}
 
@@ -87,10 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((modality, engine, summary(uri, run_id), t_data, time.perf_counter() - t0 - t_data,
                      checkpoint, run_id))
 
-    print(f"\n[demo] {args.nproc} ranks per run. modality  engine  steps  loss first -> last  target_var  "
-          "pred_var  samples/s  data s  train s  checkpoint / MLflow run")
+    print(f"\n[demo] {args.nproc} ranks per run. modality  engine  steps  loss (first logged step -> last)  "
+          "target_var  pred_var  samples/s  data s  train s  checkpoint / MLflow run")
     for m, engine, s, td, tt, ckpt, run_id in rows:
-        print(f"[demo] {m:8s}  {engine:9s}  {s['steps']:5d}  {s['first']:10.4f} -> {s['last']:.4f}  "
+        print(f"[demo] {m:8s}  {engine:9s}  {s['steps']:5d}  {s['first']:.4f} (step {s['first_step']}) -> "
+              f"{s['last']:.4f}  "
               f"{s['target_var']:10.3f}  {s['pred_var']:8.3f}  {s['samples_per_s']:9.1f}  {td:6.1f}  {tt:7.1f}  "
               f"{ckpt}  run {run_id}")
     print(f"[demo] MLflow store: {uri}  (mlflow ui --backend-store-uri {uri})")
