@@ -23,6 +23,7 @@ setup(
         "console_scripts": [
             "scaling-pretrain=scaling.pretrain:main",
             "scaling-demo=scaling.demo:main",
+            "scaling-probe=scaling.probe:main",
         ]
     },
 )

@@ -1,0 +1,509 @@
+"""``scaling-probe CHECKPOINT --train SHARDS --test SHARDS``: does pretraining learn?
+
+Freezes the student encoder of a checkpoint, extracts one mean-pooled feature vector per labelled
+sample of ``--train`` and ``--test`` (webdataset shards of any modality, as ``data.train_shards``:
+a brace pattern or a comma-separated list; samples need a ``cls`` label), fits a multinomial
+logistic regression on the train features, and reports its test accuracy and the test accuracy of
+a cosine k-NN classifier, next to the chance level. ``--random-init`` scores a randomly initialised
+encoder of the same shape (the baseline that pretraining must beat). Accuracies are printed and
+logged to MLflow (``probe/linear_acc``, ``probe/knn_acc``; ``probe_random/...`` with
+``--random-init``) at the checkpoint's step.
+
+CHECKPOINT is a checkpoint directory (``checkpoint.dir/step_XXXXXXXX``) or a run's
+``checkpoint.dir``, whose newest complete checkpoint is taken. Every engine's format is read in one
+process without a process group: ``model.safetensors`` (single, ddp), ``dcp/`` (fsdp,
+torch.distributed.checkpoint) and ``deepspeed/`` (DeepSpeed ZeRO-1/2/3, fp32 masters). The model
+shape and the data processing come from the checkpoint's ``recipe.yaml``.
+
+Features. The student's frontend makes the unmasked encoder input (``FrontendOutput.teacher_x``:
+what the teacher sees, computed with the student's weights), the student encoder runs in eval
+mode (no dropout, drop path or LayerDrop), and the chosen layer is averaged over the non-padded
+positions (vision: over the patches; CLS is not part of the encoder output). ``--layer -1``
+(default) is the encoder's final output; ``--layer k`` is block k's tap, Python-indexed over the
+``model.depth`` blocks (``0`` the first block, ``-2`` the second to last; ``-1`` stays the final
+output). ``--tap block`` (default) taps block outputs, so ``--layer depth-1`` equals ``-1``;
+``--tap ffn`` taps the FFN output before the last residual (data2vec's training target).
+
+Data. Shards are read through :func:`scaling.data.build_loader` with the checkpoint's recipe,
+vision augmentation off (a plain resize when the size differs), no shuffle buffer, one rank, one
+epoch (the loader is infinite: items are pulled one at a time and the pass stops when
+``loader.epoch`` changes, so nothing is counted twice). Text documents longer than a block give
+one sample per block, all with the document's label. Unlabelled samples (label -1) are skipped.
+
+Classifiers (torch only). Features are standardised with the train mean and std. Linear:
+multinomial logistic regression, zero-initialised weights, L2 penalty ``l2 * |W|^2``, full-batch
+L-BFGS with a strong-Wolfe line search (deterministic). k-NN: cosine similarity of the
+standardised features, the ``k`` nearest train samples vote, ties go to the class with the larger
+summed similarity. Chance: ``1 / number of train classes``; the majority-class rate (test share of
+the most frequent train class) is printed and returned too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from scaling.checkpoint import FORMAT_VERSION, find_latest
+from scaling.config import Recipe, load_recipe
+from scaling.models import Data2Vec, build_model
+
+__all__ = [
+    "resolve_checkpoint",
+    "checkpoint_recipe",
+    "load_student",
+    "random_student",
+    "extract_features",
+    "linear_probe",
+    "knn_accuracy",
+    "probe",
+    "main",
+]
+
+DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
+DEFAULT_EXPERIMENT = "scaling-probe"
+_DS_TAG = "deepspeed"  # scaling.engines.deepspeed saves with this tag (sub-directory)
+
+
+# ============================================================================= checkpoints
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A complete checkpoint directory: ``path`` itself, or the newest complete one inside it."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path}: no such checkpoint or checkpoint.dir")
+    if not path.is_dir():
+        raise ValueError(f"{path}: not a directory (expected a checkpoint or a checkpoint.dir)")
+    if (path / "COMPLETE").exists():
+        return path
+    latest = find_latest(path)
+    if latest is None:
+        raise ValueError(f"{path}: not a complete checkpoint, and it holds no complete checkpoint "
+                         "(step_XXXXXXXX/ with a COMPLETE marker)")
+    return latest
+
+
+def checkpoint_recipe(path: str | Path) -> Recipe:
+    """The resolved recipe stored with a checkpoint (``path`` as in :func:`resolve_checkpoint`)."""
+    ckpt = resolve_checkpoint(path)
+    recipe_file = ckpt / "recipe.yaml"
+    if not recipe_file.exists():
+        raise ValueError(f"{ckpt}: no recipe.yaml in the checkpoint")
+    return load_recipe(recipe_file)
+
+
+def _checkpoint_meta(ckpt: Path) -> dict:
+    meta_file = ckpt / "meta.json"
+    if not meta_file.exists():
+        raise ValueError(f"{ckpt}: no meta.json in the checkpoint")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{ckpt}: checkpoint format {meta.get('format')}, this code reads {FORMAT_VERSION}")
+    return meta
+
+
+def _build(recipe: Recipe, seed: int) -> Data2Vec:
+    # A private RNG stream: building the model must not move the caller's.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(recipe.model)
+
+
+def _student_tensors_safetensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    prefix = "student."
+    with safe_open(str(ckpt / "model.safetensors"), framework="pt", device="cpu") as f:
+        return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+
+
+def _student_tensors_dcp(ckpt: Path, model: Data2Vec) -> dict[str, torch.Tensor]:
+    import torch.distributed.checkpoint as dcp
+
+    # Only the student is requested: DCP reads those entries (any sharding) into plain tensors.
+    state = {"student": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=ckpt / "dcp", no_dist=True)
+    except Exception as exn:  # DCP raises CheckpointException/RuntimeError with the missing keys
+        raise ValueError(f"{ckpt}: cannot read the student from the fsdp checkpoint dcp/: {exn}") from exn
+    return state["student"]
+
+
+def _student_tensors_deepspeed(ckpt: Path) -> dict[str, torch.Tensor]:
+    import logging
+
+    from deepspeed.utils import logger as ds_logger
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    level = ds_logger.level
+    ds_logger.setLevel(logging.WARNING)  # it logs every shard it reads
+    try:
+        # It also prints its progress (stdout) and progress bars (stderr): only errors matter here.
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=_DS_TAG)
+    except Exception as exn:
+        raise ValueError(f"{ckpt}: cannot read the student from the deepspeed checkpoint {_DS_TAG}/: {exn}") from exn
+    finally:
+        ds_logger.setLevel(level)
+    return {k: v.float() if torch.is_floating_point(v) else v for k, v in state.items()}
+
+
+def checkpoint_format(ckpt: Path) -> str:
+    """``safetensors`` (single, ddp), ``dcp`` (fsdp) or ``deepspeed``; ValueError when unknown."""
+    if (ckpt / "model.safetensors").is_file():
+        return "safetensors"
+    if (ckpt / "dcp" / ".metadata").is_file():
+        return "dcp"
+    if (ckpt / _DS_TAG).is_dir():
+        return "deepspeed"
+    raise ValueError(f"{ckpt}: unknown checkpoint format (no model.safetensors, dcp/.metadata or {_DS_TAG}/)")
+
+
+def load_student(checkpoint: str | Path) -> tuple[Data2Vec, Recipe]:
+    """The student (fp32, CPU, eval mode) and the recipe of a checkpoint, from any engine's format.
+
+    ``checkpoint``: a checkpoint directory or a ``checkpoint.dir`` (its newest complete checkpoint).
+    Raises ValueError naming the path when nothing complete is found, the format is unknown, or the
+    stored tensors do not fit the recipe's model."""
+    ckpt = resolve_checkpoint(checkpoint)
+    _checkpoint_meta(ckpt)
+    recipe = checkpoint_recipe(ckpt)
+    fmt = checkpoint_format(ckpt)
+    model = _build(recipe, recipe.seed)
+    if fmt == "safetensors":
+        state = _student_tensors_safetensors(ckpt)
+    elif fmt == "dcp":
+        state = _student_tensors_dcp(ckpt, model)
+    else:
+        state = _student_tensors_deepspeed(ckpt)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exn:
+        raise ValueError(f"{ckpt}: the stored student does not match the recipe's model: {exn}") from exn
+    model.float().eval().requires_grad_(False)
+    return model, recipe
+
+
+def random_student(recipe: Recipe, seed: Optional[int] = None) -> Data2Vec:
+    """A randomly initialised student of the recipe's shape. The default seed, ``recipe.seed``,
+    gives exactly the weights that run started from (pretraining seeds with it before building)."""
+    model = _build(recipe, recipe.seed if seed is None else seed)
+    return model.float().eval().requires_grad_(False)
+
+
+# ============================================================================= features
+def _block_index(layer: int, depth: int) -> Optional[int]:
+    """None for the final output (-1), else the 0-based block whose tap is used."""
+    if layer == -1:
+        return None
+    if 0 <= layer < depth:
+        return layer
+    if -depth <= layer < -1:
+        return depth + layer
+    raise ValueError(f"layer {layer} is out of range for a {depth}-block encoder: use -1 (final output), "
+                     f"0..{depth - 1} or -{depth}..-2 (a block's tap)")
+
+
+def _probe_recipe(recipe: Recipe, shards: str) -> Recipe:
+    r = copy.deepcopy(recipe)
+    r.data.train_shards = shards
+    r.data.shuffle_buffer = 0
+    r.data.vision.augment = False
+    return r
+
+
+def _merge(batches: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Batches of one item each (from the loader) -> one batch, padded as the collate pads:
+    ``*padding*`` keys with True, token ids with the pad id, everything else with zeros."""
+    out: dict[str, torch.Tensor] = {}
+    for key in batches[0]:
+        ts = [b[key] for b in batches]
+        shape = [max(t.shape[d] for t in ts) for d in range(ts[0].dim())]
+        if all(list(t.shape) == shape for t in ts):
+            out[key] = torch.cat(ts)
+            continue
+        fill = True if "padding" in key else (pad_id if key in ("tokens_BT", "input_tokens_BT") else 0)
+        merged = ts[0].new_full([sum(t.shape[0] for t in ts)] + shape[1:], fill)
+        row = 0
+        for t in ts:
+            merged[(slice(row, row + t.shape[0]),) + tuple(slice(0, n) for n in t.shape[1:])] = t
+            row += t.shape[0]
+        out[key] = merged
+    return out
+
+
+@torch.no_grad()
+def _pooled(model: Data2Vec, batch: dict[str, torch.Tensor], block: Optional[int], tap: str) -> torch.Tensor:
+    fo = model.frontend(batch)
+    depth = len(model.encoder.blocks)
+    num_taps = 0 if block is None else depth - block
+    eo = model.encoder(fo.teacher_x, padding_mask_BT=fo.padding_mask_BT, mask_BT=None, num_taps=num_taps, tap=tap)
+    h = eo.x_BTD if block is None else eo.taps[0]
+    h = h.float()
+    if fo.padding_mask_BT is None:
+        return h.mean(1)
+    keep = (~fo.padding_mask_BT).to(h.dtype)[..., None]
+    return (h * keep).sum(1) / keep.sum(1).clamp_min(1.0)
+
+
+def _pick_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@torch.no_grad()
+def extract_features(model: Data2Vec, recipe: Recipe, shards: str, *, layer: int = -1, tap: str = "block",
+                     batch_size: int = 64, device: str | torch.device | None = "auto",
+                     max_samples: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean-pooled features ``[N, D]`` (float32, CPU) and labels ``[N]`` (int64) of the labelled
+    samples in one epoch of ``shards`` (or the first ``max_samples`` of them)."""
+    if batch_size <= 0:
+        raise ValueError("batch_size must be positive")
+    from scaling.data import build_loader
+
+    block = _block_index(layer, recipe.model.depth)
+    r = _probe_recipe(recipe, shards)
+    dev = _pick_device(device)
+    model = model.to(dev).eval()
+    loader = build_loader(r.data, r.model, r.masking, seed=r.seed, rank=0, world_size=1, micro_batch_size=1)
+    pad_id = r.model.text.pad_id
+    feats: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    pending: list[dict[str, torch.Tensor]] = []
+    count = 0
+
+    def flush():
+        if not pending:
+            return
+        batch = _merge(pending, pad_id)
+        labels.append(batch.pop("label_B"))
+        batch = {k: v.to(dev) for k, v in batch.items()}
+        feats.append(_pooled(model, batch, block, tap).cpu())
+        pending.clear()
+
+    try:
+        start = loader.epoch
+        while max_samples is None or count < max_samples:
+            item = next(loader)  # one item: loader.epoch is exactly its epoch
+            if loader.epoch != start:
+                break  # the first item of the next epoch: one full pass is done
+            label = item.get("label_B")
+            if label is None or int(label[0]) < 0:
+                continue
+            pending.append(item)
+            count += 1
+            if len(pending) == batch_size:
+                flush()
+        flush()
+    finally:
+        loader.close()
+    if not feats:
+        raise ValueError(f"{shards}: no labelled samples (a sample's label is its 'cls' member)")
+    return torch.cat(feats), torch.cat(labels)
+
+
+# ============================================================================= classifiers
+def _standardise(train_x: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
+    train_x = train_x.float()
+    mean = train_x.mean(0)
+    std = train_x.std(0, unbiased=False).clamp_min(1e-6)
+    return [(x.float() - mean) / std for x in (train_x, *others)]
+
+
+def _class_index(train_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    classes = torch.unique(train_y)
+    if classes.numel() < 2:
+        raise ValueError(f"the train set has {classes.numel()} class(es); a probe needs at least 2")
+    return classes, torch.searchsorted(classes, train_y)
+
+
+def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, *,
+                 l2: float = 1e-4, max_iter: int = 300) -> dict[str, float]:
+    """Multinomial logistic regression on standardised features (L-BFGS, zero init, L2 ``l2 * |W|^2``).
+    Returns ``{"acc": test accuracy, "train_acc": train accuracy}``. Test labels never seen in
+    train count as errors."""
+    classes, ytr = _class_index(train_y)
+    xtr, xte = _standardise(train_x, test_x)
+    dev = xtr.device
+    W = torch.zeros(xtr.shape[1], classes.numel(), device=dev, requires_grad=True)
+    b = torch.zeros(classes.numel(), device=dev, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-6,
+                            tolerance_change=1e-9, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(xtr @ W + b, ytr) + l2 * W.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        train_acc = ((xtr @ W + b).argmax(1) == ytr).float().mean().item()
+        pred = classes[(xte @ W + b).argmax(1)]
+        acc = (pred == test_y.to(pred.device)).float().mean().item()
+    return {"acc": acc, "train_acc": train_acc}
+
+
+@torch.no_grad()
+def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, *,
+                 k: int = 20, chunk: int = 1024) -> float:
+    """Test accuracy of a cosine k-NN majority vote on standardised features (ties: larger summed
+    similarity). ``k`` is capped at the train size."""
+    if k <= 0:
+        raise ValueError("k must be positive")
+    classes, ytr = _class_index(train_y)
+    xtr, xte = _standardise(train_x, test_x)
+    xtr, xte = F.normalize(xtr, dim=1), F.normalize(xte, dim=1)
+    k = min(k, xtr.shape[0])
+    C = classes.numel()
+    correct = 0
+    for s in range(0, xte.shape[0], chunk):
+        q = xte[s : s + chunk]
+        sims, idx = (q @ xtr.T).topk(k, dim=1)
+        votes = torch.zeros(q.shape[0], C, device=q.device)
+        votes.scatter_add_(1, ytr[idx], torch.ones_like(sims))
+        tie = torch.zeros_like(votes).scatter_add_(1, ytr[idx], sims)
+        pred = classes[(votes + 1e-3 * tie / k).argmax(1)]  # |tie / k| <= 1: only breaks ties
+        correct += int((pred == test_y[s : s + chunk].to(pred.device)).sum())
+    return correct / max(1, xte.shape[0])
+
+
+def chance_levels(train_y: torch.Tensor, test_y: torch.Tensor) -> tuple[float, float]:
+    """(1 / number of train classes, test share of the most frequent train class)."""
+    classes, counts = torch.unique(train_y, return_counts=True)
+    majority = classes[counts.argmax()]
+    return 1.0 / classes.numel(), (test_y == majority).float().mean().item()
+
+
+# ============================================================================= the probe
+def _log_mlflow(uri: str, experiment: str, run_name: str, params: dict, metrics: dict, step: int) -> str:
+    from scaling.tracking import artifact_root  # first: it turns MLflow's telemetry off
+
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(experiment) is None:
+        mlflow.create_experiment(experiment, artifact_location=artifact_root(uri))
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name=run_name) as run:
+        mlflow.log_params({k: str(v) for k, v in params.items()})
+        mlflow.log_metrics(metrics, step=step)
+        return run.info.run_id
+
+
+def probe(checkpoint: str | Path, train_shards: str, test_shards: str, *, random_init: bool = False,
+          layer: int = -1, tap: str = "block", k: int = 20, l2: float = 1e-4, batch_size: int = 64,
+          max_samples: Optional[int] = None, device: str | torch.device | None = "auto",
+          seed: Optional[int] = None, tracking_uri: Optional[str] = None,
+          experiment: str = DEFAULT_EXPERIMENT, run_name: Optional[str] = None, verbose: bool = True) -> dict:
+    """Probe a checkpoint (or, with ``random_init``, a random encoder of its recipe's shape).
+
+    ``checkpoint``: a checkpoint directory or a ``checkpoint.dir``. ``max_samples`` caps each split.
+    ``seed`` (random init only): default ``recipe.seed``. ``tracking_uri``: log to MLflow there
+    (None: no tracking). Returns ``linear_acc``, ``knn_acc``, ``linear_train_acc``, ``chance``,
+    ``majority``, counts, ``prefix`` (``probe`` or ``probe_random``), ``checkpoint``, ``step`` and
+    ``mlflow_run_id``."""
+    t0 = time.perf_counter()
+    ckpt = resolve_checkpoint(checkpoint)
+    meta = _checkpoint_meta(ckpt)
+    step = int(meta.get("step", 0))
+    if random_init:
+        recipe = checkpoint_recipe(ckpt)
+        model = random_student(recipe, seed)
+    else:
+        model, recipe = load_student(ckpt)
+    prefix = "probe_random" if random_init else "probe"
+    kw = dict(layer=layer, tap=tap, batch_size=batch_size, device=device, max_samples=max_samples)
+    train_x, train_y = extract_features(model, recipe, train_shards, **kw)
+    test_x, test_y = extract_features(model, recipe, test_shards, **kw)
+    lin = linear_probe(train_x, train_y, test_x, test_y, l2=l2)
+    knn = knn_accuracy(train_x, train_y, test_x, test_y, k=k)
+    chance, majority = chance_levels(train_y, test_y)
+    num_classes = int(torch.unique(train_y).numel())
+    result = {
+        "linear_acc": lin["acc"], "knn_acc": knn, "linear_train_acc": lin["train_acc"], "chance": chance,
+        "majority": majority, "num_classes": num_classes, "num_train": int(train_y.numel()),
+        "num_test": int(test_y.numel()), "feature_dim": int(train_x.shape[1]), "layer": layer, "tap": tap, "k": k,
+        "random_init": random_init, "prefix": prefix, "checkpoint": str(ckpt), "step": step,
+        "modality": recipe.model.modality, "mlflow_run_id": None,
+    }
+    if verbose:
+        what = f"random init of {ckpt.name}'s recipe" if random_init else ckpt.name
+        print(f"[probe] {what} ({recipe.model.modality}, step {step}, layer {layer}, tap {tap}): "
+              f"{result['num_train']} train / {result['num_test']} test samples, {num_classes} classes, "
+              f"{result['feature_dim']}-d features", flush=True)
+        print(f"[probe] {prefix}/linear_acc {lin['acc']:.4f} (train {lin['train_acc']:.4f})", flush=True)
+        print(f"[probe] {prefix}/knn_acc {knn:.4f} (k={min(k, result['num_train'])})", flush=True)
+        print(f"[probe] chance {chance:.4f} (1/{num_classes} classes); majority class {majority:.4f}", flush=True)
+    if tracking_uri:
+        params = {"checkpoint": str(ckpt), "step": step, "modality": recipe.model.modality,
+                  "random_init": random_init, "layer": layer, "tap": tap, "k": k, "l2": l2,
+                  "train_shards": train_shards, "test_shards": test_shards, "num_train": result["num_train"],
+                  "num_test": result["num_test"], "num_classes": num_classes,
+                  "feature_dim": result["feature_dim"], "max_samples": max_samples,
+                  "seed": (recipe.seed if seed is None else seed) if random_init else recipe.seed}
+        metrics = {f"{prefix}/linear_acc": lin["acc"], f"{prefix}/knn_acc": knn,
+                   f"{prefix}/linear_train_acc": lin["train_acc"], f"{prefix}/chance": chance,
+                   f"{prefix}/majority": majority}
+        name = run_name or f"{'random-init' if random_init else 'probe'} {ckpt.parent.name}/{ckpt.name}"
+        result["mlflow_run_id"] = _log_mlflow(tracking_uri, experiment, name, params, metrics, step)
+        if verbose:
+            print(f"[probe] MLflow run {result['mlflow_run_id']} in {tracking_uri} (experiment '{experiment}')",
+                  flush=True)
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="scaling-probe", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a checkpoint directory, or a checkpoint.dir (its newest complete checkpoint)")
+    p.add_argument("--train", required=True, metavar="SHARDS", help="labelled train shards (as data.train_shards)")
+    p.add_argument("--test", required=True, metavar="SHARDS", help="labelled test shards (as data.train_shards)")
+    p.add_argument("--random-init", action="store_true",
+                   help="score a randomly initialised encoder of the same recipe (the baseline)")
+    p.add_argument("--layer", type=int, default=-1,
+                   help="-1: the encoder's final output (default); k: block k's tap (0-based, or -depth..-2)")
+    p.add_argument("--tap", choices=["block", "ffn"], default="block", help="what a block's tap is (default block)")
+    p.add_argument("-k", "--k", type=int, default=20, help="neighbours of the k-NN vote (default 20)")
+    p.add_argument("--l2", type=float, default=1e-4, help="L2 penalty of the linear classifier (default 1e-4)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-samples", type=int, default=None, help="cap on the labelled samples of each split")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--seed", type=int, default=None, help="--random-init's seed (default: the recipe's seed)")
+    p.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI,
+                   help=f"MLflow store (default {DEFAULT_TRACKING_URI})")
+    p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help=f"MLflow experiment (default {DEFAULT_EXPERIMENT})")
+    p.add_argument("--run-name", default=None)
+    p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        probe(args.checkpoint, args.train, args.test, random_init=args.random_init, layer=args.layer, tap=args.tap,
+              k=args.k, l2=args.l2, batch_size=args.batch_size, max_samples=args.max_samples, device=args.device,
+              seed=args.seed, tracking_uri=None if args.no_tracking else args.tracking_uri,
+              experiment=args.experiment, run_name=args.run_name)
+    except ValueError as exn:
+        print(f"scaling-probe: error: {exn}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
