@@ -24,6 +24,8 @@ setup(
             "scaling-pretrain=scaling.pretrain:main",
             "scaling-demo=scaling.demo:main",
             "scaling-probe=scaling.probe:main",
+            "scaling-shards=scaling.data.build:shards_main",
+            "scaling-tokenizer=scaling.data.build:tokenizer_main",
         ]
     },
 )

@@ -21,19 +21,33 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 DEFAULT_ENGINES = "speech=fsdp,vision=deepspeed,text=fsdp"
 
 
-def build_data(modality: str, out_dir: Path) -> list[str]:
-    """Build the modality's demo shards; returns the recipe overrides that point at them."""
+def build_data(modality: str, out_dir: Path) -> tuple[list[str], dict]:
+    """Build the modality's demo shards; returns the recipe overrides that point at them, and the
+    builder's description (``train_shards``, ``valid_shards``, ``num_classes`` when labelled)."""
     from scaling.data import demo_sets
 
     if modality == "vision":
         info = demo_sets.build_vision_demo(out_dir)
-        return [f"data.train_shards={info['train_shards']}"]
-    if modality == "speech":
+    elif modality == "speech":
         info = demo_sets.build_speech_demo(out_dir)
-        return [f"data.train_shards={info['train_shards']}"]
-    info = demo_sets.build_text_demo(out_dir, vocab_size=1000)
-    return [f"data.train_shards={info['train_shards']}", f"data.text.tokenizer={info['tokenizer']}",
-            f"model.text.vocab_size={info['vocab_size']}"]
+    else:
+        info = demo_sets.build_text_demo(out_dir, vocab_size=1000)
+    overrides = [f"data.train_shards={info['train_shards']}"]
+    if modality == "text":
+        overrides += [f"data.text.tokenizer={info['tokenizer']}", f"model.text.vocab_size={info['vocab_size']}"]
+    return overrides, info
+
+
+def probe_pair(checkpoint: str, info: dict, uri: str) -> tuple[dict, dict] | None:
+    """Linear / k-NN probe of the pretrained student and of a random init, on the held-out split."""
+    if not info.get("num_classes") or not info.get("valid_shards"):
+        return None
+    from scaling.probe import probe
+
+    kwargs = dict(tracking_uri=uri, verbose=False)
+    trained = probe(checkpoint, info["train_shards"], info["valid_shards"], **kwargs)
+    random = probe(checkpoint, info["train_shards"], info["valid_shards"], random_init=True, **kwargs)
+    return trained, random
 
 
 def launch(recipe: Path, overrides: list[str], nproc: int) -> str:
@@ -71,11 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     engines = dict(pair.split("=", 1) for pair in args.engines.split(","))
     workdir = Path(args.workdir).resolve()
     uri = f"sqlite:///{workdir}/mlruns.db"
-    rows = []
+    rows, probes = [], {}
     for modality in args.modalities.split(","):
         t0 = time.perf_counter()
         print(f"[demo] {modality}: building shards in {workdir / 'data' / modality}", flush=True)
-        overrides = build_data(modality, workdir / "data" / modality)
+        overrides, info = build_data(modality, workdir / "data" / modality)
         t_data = time.perf_counter() - t0
         engine = engines.get(modality, "fsdp")
         overrides += [f"engine.name={engine}", f"checkpoint.dir={workdir}/checkpoints/{modality}",
@@ -84,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         out = launch(RECIPES / modality / "tiny.yaml", overrides, args.nproc)
         run_id = re.search(r"MLflow run (\w+)", out).group(1)
         checkpoint = re.search(r"checkpoint: (\S+)", out).group(1)
-        rows.append((modality, engine, summary(uri, run_id), t_data, time.perf_counter() - t0 - t_data,
-                     checkpoint, run_id))
+        t_train = time.perf_counter() - t0 - t_data
+        probes[modality] = probe_pair(checkpoint, info, uri)
+        rows.append((modality, engine, summary(uri, run_id), t_data, t_train, checkpoint, run_id))
 
     print(f"\n[demo] {args.nproc} ranks per run. modality  engine  steps  loss (first logged step -> last)  "
           "target_var  pred_var  samples/s  data s  train s  checkpoint / MLflow run")
@@ -94,6 +109,15 @@ def main(argv: list[str] | None = None) -> int:
               f"{s['last']:.4f}  "
               f"{s['target_var']:10.3f}  {s['pred_var']:8.3f}  {s['samples_per_s']:9.1f}  {td:6.1f}  {tt:7.1f}  "
               f"{ckpt}  run {run_id}")
+    print("\n[demo] probe on the held-out split (frozen student, mean-pooled final layer): pretrained vs random init")
+    for m, result in probes.items():
+        if result is None:
+            print(f"[demo] {m:8s}  no labelled held-out set in the demo data")
+            continue
+        trained, random = result
+        print(f"[demo] {m:8s}  linear {trained['linear_acc']:.3f} vs {random['linear_acc']:.3f} "
+              f"({trained['linear_acc'] - random['linear_acc']:+.3f})   k-NN {trained['knn_acc']:.3f} vs "
+              f"{random['knn_acc']:.3f} ({trained['knn_acc'] - random['knn_acc']:+.3f})   chance {trained['chance']:.3f}")
     print(f"[demo] MLflow store: {uri}  (mlflow ui --backend-store-uri {uri})")
     return 0
 

@@ -1,6 +1,7 @@
 """Small real data sets for the demo, built offline from installed packages (offline-data.md).
 
-Each builder writes train shards and a small held-out split under ``out_dir`` and returns a dict
+Each builder writes train shards and a small held-out split under ``out_dir``, each with its index
+(``train.index.json``, ``valid.index.json``; see :mod:`scaling.data.shards`), and returns a dict
 with the shard specs. All builders are deterministic (fixed seeds, fixed file order) and take
 seconds on 2 cores.
 
@@ -23,6 +24,7 @@ from typing import Optional
 
 import numpy as np
 
+from scaling.data.build import train_tokenizer
 from scaling.data.shards import encode_speech_sample, encode_text_sample, encode_vision_sample, write_shards
 
 __all__ = ["build_vision_demo", "build_speech_demo", "build_text_demo", "DIGIT_WORDS"]
@@ -260,30 +262,7 @@ def build_text_demo(out_dir: str, vocab_size: int = 1000, *, max_chars: int = 3_
     if len(docs) < 10:
         raise RuntimeError(f"found only {len(docs)} docstrings in {sysconfig.get_paths()['stdlib']}")
     prefix = os.path.join(out_dir, "tokenizer")
-    spm.set_random_generator_seed(1234)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(docs),
-        model_prefix=prefix,
-        vocab_size=vocab_size,
-        model_type="unigram",
-        bos_id=0,
-        pad_id=1,
-        eos_id=2,
-        unk_id=3,
-        user_defined_symbols=["<mask>"],
-        input_sentence_size=100_000,
-        shuffle_input_sentence=True,
-        max_sentence_length=8192,
-        character_coverage=0.9995,
-        hard_vocab_limit=False,
-        num_threads=1,
-        minloglevel=2,
-    )
-    sp = spm.SentencePieceProcessor(model_file=prefix + ".model")
-    want = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "<mask>": 4}
-    got = {p: sp.piece_to_id(p) for p in want}
-    if got != want:
-        raise RuntimeError(f"tokenizer special ids {got} != {want}")
+    sp = spm.SentencePieceProcessor(model_file=train_tokenizer(iter(docs), prefix, vocab_size))  # checks the special ids
     encoded = sp.encode(docs)
 
     def samples(split: int):
@@ -293,8 +272,10 @@ def build_text_demo(out_dir: str, vocab_size: int = 1000, *, max_chars: int = 3_
 
     n_valid = sum(1 for i in range(len(encoded)) if i % valid_every == valid_every - 1)
     return {
-        "train_shards": write_shards(out_dir, samples(0), prefix="train", samples_per_shard=samples_per_shard),
-        "valid_shards": write_shards(out_dir, samples(1), prefix="valid", samples_per_shard=samples_per_shard),
+        "train_shards": write_shards(out_dir, samples(0), prefix="train", samples_per_shard=samples_per_shard,
+                                     tokenizer=prefix + ".model"),
+        "valid_shards": write_shards(out_dir, samples(1), prefix="valid", samples_per_shard=samples_per_shard,
+                                     tokenizer=prefix + ".model"),
         "tokenizer": prefix + ".model",
         "vocab_size": int(sp.get_piece_size()),
         "num_train": len(encoded) - n_valid,

@@ -46,7 +46,7 @@ import torch
 
 from scaling.config import DataConfig, MaskingConfig, ModelConfig
 from scaling.data.collate import BOS_ID, EOS_ID, SampleProcessor
-from scaling.data.shards import expand_shards
+from scaling.data.shards import check_shard_set, expand_shards
 from scaling.masking import sample_rng
 
 __all__ = ["Loader", "build_loader", "sample_id", "BOS_ID", "EOS_ID"]
@@ -382,6 +382,7 @@ def build_loader(
 ) -> Loader:
     """The training loader of one rank (see the module docstring).
 
+    Shards are checked against their indexes first (:func:`scaling.data.shards.check_shard_set`).
     ``synthetic_epoch_size`` (synthetic source only): global samples per synthetic epoch
     (default 100,000); tests use a small one to cross epoch boundaries."""
     if not 0 <= rank < world_size:
@@ -393,6 +394,12 @@ def build_loader(
         source = _SyntheticSource(data_cfg, model_cfg, seed, rank, world_size,
                                   synthetic_epoch_size or DEFAULT_SYNTHETIC_EPOCH_SIZE)
     else:
-        source = _ShardSource(expand_shards(data_cfg.train_shards), seed, rank, world_size, data_cfg.shuffle_buffer)
+        paths = expand_shards(data_cfg.train_shards)  # ValueError naming a missing shard
+        # Before any training: shards vs their indexes (listed, sizes, modality) and, for text, the
+        # tokenizer they were made with vs data.text.tokenizer (ValueError naming the files).
+        tc = model_cfg.text
+        check_shard_set(paths, modality=model_cfg.modality, tokenizer=data_cfg.text.tokenizer or None,
+                        vocab_size=tc.vocab_size, pad_id=tc.pad_id, mask_id=tc.mask_id)
+        source = _ShardSource(paths, seed, rank, world_size, data_cfg.shuffle_buffer)
     return Loader(source, proc, seed=seed, rank=rank, world_size=world_size,
                   micro_batch_size=micro_batch_size, num_workers=data_cfg.num_workers)

@@ -1,0 +1,737 @@
+"""Shard tools: raw images, audio and text -> indexed webdataset shard sets; sentencepiece tokenizers.
+
+Console scripts (thin files ``tools/shards.py`` and ``tools/tokenizer.py``):
+
+* ``scaling-shards image SRC OUT``: SRC is an image folder tree (``--labels auto``: when every
+  image lies in a sub-folder of SRC, the sub-folder names, sorted, become labels 0..C-1, as
+  torchvision's ImageFolder) or a list file (``path[<TAB>label]`` per line, relative to the list
+  file). The encoded bytes are stored as they are (png/jpg/webp; each file is decoded once to
+  check it), or re-encoded with ``--reencode png|jpg``.
+* ``scaling-shards audio SRC OUT``: SRC is a folder of wav/flac (``--ext``) or a tsv manifest
+  (fairseq's: an optional first line with the root folder, then ``path[<TAB>frames[<TAB>label]]``).
+  Decoded with soundfile, mixed down to mono, resampled with soxr to ``--sample-rate`` (16 kHz)
+  when needed, stored as FLAC (PCM_16) plus the sample count.
+* ``scaling-shards text SRC OUT --tokenizer MODEL``: SRC is a text file or a folder of them
+  (``--ext``); one document per file or per line (``--doc``; default per line for a file, per file
+  for a folder); UTF-8; stores the sentencepiece ids (no BOS/EOS) and records the tokenizer's
+  identity in the index.
+* ``scaling-tokenizer train TEXT... OUT --vocab-size N``: a sentencepiece model with the project's
+  special ids (``<s>`` 0, ``<pad>`` 1, ``</s>`` 2, ``<unk>`` 3, ``<mask>`` 4), trained on the
+  non-empty lines of the TEXT files/folders; ``scaling-tokenizer info MODEL`` prints its identity.
+
+Every shard set ``OUT/<prefix>-NNNNNN.tar`` gets ``OUT/<prefix>.index.json`` (see
+:mod:`scaling.data.shards`). Inputs are shuffled once (``--seed``; ``--no-shuffle`` keeps the sorted
+order) so that shards do not hold one class each; the same inputs and options give byte-identical
+shards and index, with any ``--workers``. A bad input (unreadable, undecodable, empty) is skipped and
+listed in the summary; it never stops the build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Optional
+
+import numpy as np
+
+from scaling.data.shards import (
+    _SHARD_NAME,
+    INDEX_SUFFIX,
+    encode_speech_sample,
+    encode_text_sample,
+    encode_vision_sample,
+    quiet_tv_io,
+    tokenizer_identity,
+    write_shard_set,
+)
+
+__all__ = [
+    "SPECIAL_PIECES",
+    "train_tokenizer",
+    "build_image_shards",
+    "build_audio_shards",
+    "build_text_shards",
+    "BuildReport",
+    "shards_main",
+    "tokenizer_main",
+]
+
+# fairseq/RoBERTa special ids, as the loader (scaling.data.collate) and TextModelConfig expect them.
+SPECIAL_PIECES = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "<mask>": 4}
+DEFAULT_SHARD_MB = 256.0
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "gif", "bmp", "tif", "tiff", "avif", "heic")
+STORED_IMAGE_FORMATS = ("png", "jpg", "webp")  # what the loader decodes (scaling.data.collate)
+MAX_LISTED_SKIPS = 20
+
+
+# ============================================================================= tokenizer
+def train_tokenizer(sentences: Iterable[str], model_prefix: str, vocab_size: int, *, model_type: str = "unigram",
+                    input_sentence_size: int = 100_000, character_coverage: float = 0.9995,
+                    max_sentence_length: int = 8192, seed: int = 1234, num_threads: int = 1) -> str:
+    """Trains a sentencepiece model with the project's special ids (:data:`SPECIAL_PIECES`) on
+    ``sentences``; writes ``<model_prefix>.model`` / ``.vocab`` and returns the ``.model`` path.
+
+    ``input_sentence_size`` sentences are sampled (seeded) when there are more; the vocabulary
+    may come out smaller than ``vocab_size`` on little text (``hard_vocab_limit=False``)."""
+    import sentencepiece as spm
+
+    parent = os.path.dirname(model_prefix)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    spm.set_random_generator_seed(seed)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_prefix=model_prefix,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        bos_id=SPECIAL_PIECES["<s>"],
+        pad_id=SPECIAL_PIECES["<pad>"],
+        eos_id=SPECIAL_PIECES["</s>"],
+        unk_id=SPECIAL_PIECES["<unk>"],
+        user_defined_symbols=["<mask>"],
+        input_sentence_size=input_sentence_size,
+        shuffle_input_sentence=True,
+        max_sentence_length=max_sentence_length,
+        character_coverage=character_coverage,
+        hard_vocab_limit=False,
+        num_threads=num_threads,
+        minloglevel=2,
+    )
+    path = model_prefix + ".model"
+    sp = spm.SentencePieceProcessor(model_file=path)
+    got = {p: sp.piece_to_id(p) for p in SPECIAL_PIECES}
+    if got != SPECIAL_PIECES:
+        raise RuntimeError(f"tokenizer {path}: special ids {got} != {SPECIAL_PIECES}")
+    return path
+
+
+def _check_project_tokenizer(path: str) -> dict:
+    ident = tokenizer_identity(path)
+    want = {"bos_id": 0, "pad_id": 1, "eos_id": 2, "unk_id": 3, "mask_id": 4}
+    got = {k: ident[k] for k in want}
+    if got != want:
+        raise ValueError(f"tokenizer {path} has special ids {got}, but the loader needs {want} "
+                         "(train one with scaling-tokenizer)")
+    return ident
+
+
+# ============================================================================= reporting
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+@dataclass
+class BuildReport:
+    """What a build did: printed as the tool's summary."""
+
+    tool: str
+    samples: int = 0
+    shards: int = 0
+    bytes: int = 0
+    spec: str = ""
+    index_path: str = ""
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (input, reason)
+    notes: list[str] = field(default_factory=list)
+    error: str = ""
+
+    def summary(self) -> str:
+        head = (f"{self.tool}: {self.samples} samples written in {self.shards} shard{'s' * (self.shards != 1)} "
+                f"({_human_bytes(self.bytes)})")
+        if self.spec:
+            head += f" -> {self.spec} (index {self.index_path})"
+        head += f"; {len(self.skipped)} input{'s' * (len(self.skipped) != 1)} skipped"
+        lines = [head]
+        lines += [f"  note: {n}" for n in self.notes]
+        for path, reason in self.skipped[:MAX_LISTED_SKIPS]:
+            lines.append(f"  skipped {path}: {reason}")
+        if len(self.skipped) > MAX_LISTED_SKIPS:
+            lines.append(f"  ... and {len(self.skipped) - MAX_LISTED_SKIPS} more skipped inputs")
+        if self.error:
+            lines.append(f"  error: {self.error}")
+        return "\n".join(lines)
+
+
+def _progress(total: Optional[int], desc: str, enabled: bool, unit: str = "file"):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, mininterval=0.5, dynamic_ncols=True,
+                file=sys.stderr)
+
+
+def _short(exn: BaseException, limit: int = 160) -> str:
+    msg = " ".join(str(exn).split()) or type(exn).__name__
+    msg = re.sub(r"\S+\.(?:cpp|cc|c|h):\d+,?\s*", "", msg)  # drop C++ source locations from library errors
+    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
+
+
+# ============================================================================= inputs
+@dataclass
+class _Input:
+    path: str
+    label: Optional[int] = None
+
+
+def _ext(path: str) -> str:
+    base = os.path.basename(path)
+    return base.rsplit(".", 1)[-1].lower() if "." in base else ""
+
+
+def _walk(root: str, exts: tuple[str, ...]) -> tuple[list[str], int]:
+    """Files under ``root`` with one of ``exts`` (sorted, hidden files left out), and how many
+    other files there were."""
+    found, ignored = [], 0
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for fn in sorted(filenames):
+            if fn.startswith("."):
+                continue
+            if _ext(fn) in exts:
+                found.append(os.path.join(dirpath, fn))
+            else:
+                ignored += 1
+    return found, ignored
+
+
+def _scan_folder(root: str, exts: tuple[str, ...], labels: str, report: BuildReport) -> tuple[list[_Input], Optional[list[str]]]:
+    """Inputs of a folder tree; with ``labels`` folders (or auto, when every file is in a
+    sub-folder) the first-level sub-folder names, sorted, are the classes."""
+    files, ignored = _walk(root, exts)
+    if ignored:
+        report.notes.append(f"{ignored} files under {root} without a {'/'.join(exts)} extension were not read")
+    rel = [os.path.relpath(f, root) for f in files]
+    in_sub = [os.sep in r for r in rel]
+    use_folders = labels == "folders" or (labels == "auto" and files and all(in_sub))
+    if not use_folders:
+        return [_Input(f) for f in files], None
+    classes = sorted({r.split(os.sep, 1)[0] for r, s in zip(rel, in_sub) if s})
+    lookup = {c: i for i, c in enumerate(classes)}
+    out = []
+    for f, r, s in zip(files, rel, in_sub):
+        if s:
+            out.append(_Input(f, lookup[r.split(os.sep, 1)[0]]))
+        else:
+            report.skipped.append((f, "not inside a class sub-folder (--labels folders)"))
+    return out, classes
+
+
+def _read_list(path: str, label_column: int, fairseq_root: bool, report: BuildReport) -> list[_Input]:
+    """A list file: ``path[<TAB>col...]`` per line; the label (an int) is column ``label_column``.
+    Without tabs, a trailing whitespace-separated integer is column 1. With ``fairseq_root``, a
+    first line naming a folder is the root of relative paths (wav2vec manifests)."""
+    base = os.path.dirname(os.path.abspath(path))
+    out: list[_Input] = []
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    first = True
+    for lineno, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        if first and fairseq_root and "\t" not in line:
+            root = text if os.path.isabs(text) else os.path.join(base, text)
+            if os.path.isdir(root):
+                base, first = root, False
+                continue
+        first = False
+        if "\t" in line:
+            cols = [c.strip() for c in line.split("\t")]
+        else:
+            parts = text.rsplit(None, 1)
+            cols = parts if len(parts) == 2 and re.fullmatch(r"-?\d+", parts[1]) else [text]
+        p = cols[0] if os.path.isabs(cols[0]) else os.path.join(base, cols[0])
+        label = None
+        if len(cols) > label_column and cols[label_column]:
+            if not re.fullmatch(r"-?\d+", cols[label_column]):
+                report.skipped.append((f"{path}:{lineno}", f"label {cols[label_column]!r} is not an integer"))
+                continue
+            label = int(cols[label_column])
+        out.append(_Input(p, label))
+    return out
+
+
+def _order(inputs: list, shuffle: bool, seed: int) -> list:
+    if not shuffle:
+        return list(inputs)
+    perm = np.random.default_rng(seed).permutation(len(inputs))
+    return [inputs[i] for i in perm]
+
+
+def _key(i: int, path: str, suffix: str = "") -> str:
+    """A webdataset key (no dots or slashes): running number + the file's name, for tracing."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_")[:48]
+    return f"{i:09d}" + (f"_{stem}" if stem else "") + suffix
+
+
+def _ordered_map(fn: Callable, jobs: list, workers: int) -> Iterator:
+    """``map(fn, jobs)`` in order; with ``workers > 1`` in a process pool (forkserver: the parent
+    may hold torch's threads), a window of jobs at a time so results never pile up in memory."""
+    if workers <= 1:
+        for j in jobs:
+            yield fn(j)
+        return
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    window = workers * 64
+    with ctx.Pool(workers) as pool:
+        for start in range(0, len(jobs), window):
+            yield from pool.imap(fn, jobs[start : start + window], chunksize=4)
+
+
+@dataclass
+class _Options:
+    out: str
+    prefix: str = "train"
+    shard_mb: Optional[float] = DEFAULT_SHARD_MB
+    samples_per_shard: Optional[int] = None
+    shuffle: bool = True
+    seed: int = 0
+    workers: int = 1
+    progress: bool = True
+
+
+def _write(report: BuildReport, opts: _Options, samples: Iterator[dict], *, modality: str,
+           tokenizer: Optional[str] = None, extra: Optional[dict] = None) -> BuildReport:
+    extra = {"tool": report.tool, **(extra or {})}
+    try:
+        index = write_shard_set(
+            opts.out, samples, prefix=opts.prefix, modality=modality, tokenizer=tokenizer,
+            samples_per_shard=opts.samples_per_shard,
+            shard_bytes=None if opts.shard_mb is None else opts.shard_mb * 1e6,
+            extra=extra,
+        )
+    except ValueError as exn:
+        if "no samples" not in str(exn):
+            raise
+        report.error = "no samples to write: every input was skipped or there were none"
+        return report
+    report.samples, report.shards, report.bytes = index["num_samples"], index["num_shards"], index["num_bytes"]
+    report.spec = os.path.join(opts.out, index["spec"])
+    report.index_path = index["index_path"]
+    return report
+
+
+# ============================================================================= image
+def _image_format(data: bytes) -> Optional[str]:
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if data[:2] == b"BM":
+        return "bmp"
+    return None
+
+
+def _image_job(job: tuple) -> tuple[Optional[tuple[bytes, str]], str]:
+    """(path, reencode, quality) -> ((bytes, fmt), "") or (None, reason)."""
+    path, reencode, quality = job
+    import torch
+    import torchvision.io as tvio
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exn:
+        return None, f"cannot read: {exn.strerror or _short(exn)}"
+    fmt = _image_format(data)
+    if not data:
+        return None, "empty file"
+    try:
+        with quiet_tv_io():
+            img = tvio.decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=tvio.ImageReadMode.UNCHANGED)
+    except Exception as exn:  # torchvision raises RuntimeError/ValueError for corrupt data
+        return None, f"not a decodable image ({fmt or 'unknown format'}): {_short(exn)}"
+    if img.ndim != 3 or img.shape[1] == 0 or img.shape[2] == 0:
+        return None, f"decoded to an empty image {tuple(img.shape)}"
+    if reencode:
+        if img.shape[0] in (2, 4):  # drop alpha
+            img = img[: img.shape[0] - 1]
+        with quiet_tv_io():
+            t = img.contiguous()
+            out = tvio.encode_png(t) if reencode == "png" else tvio.encode_jpeg(t, quality=quality)
+        return (out.numpy().tobytes(), reencode), ""
+    if fmt not in STORED_IMAGE_FORMATS:
+        return None, (f"{fmt or 'unrecognised'} images are not stored as they are (the loader reads "
+                      f"{'/'.join(STORED_IMAGE_FORMATS)}); pass --reencode png or jpg")
+    return (data, fmt), ""
+
+
+def build_image_shards(src: str, opts: _Options, *, labels: str = "auto", reencode: Optional[str] = None,
+                       jpeg_quality: int = 95, exts: tuple[str, ...] = IMAGE_EXTS) -> BuildReport:
+    report = BuildReport("scaling-shards image")
+    if os.path.isdir(src):
+        inputs, classes = _scan_folder(src, exts, labels, report)
+    else:
+        inputs, classes = _read_list(src, 1, False, report), None
+    inputs = _order(inputs, opts.shuffle, opts.seed)
+    jobs = [(x.path, reencode, jpeg_quality) for x in inputs]
+
+    def samples():
+        with _progress(len(jobs), "images", opts.progress) as bar:
+            for i, (x, (res, reason)) in enumerate(zip(inputs, _ordered_map(_image_job, jobs, opts.workers))):
+                bar.update(1)
+                if res is None:
+                    report.skipped.append((x.path, reason))
+                    continue
+                data, fmt = res
+                yield encode_vision_sample(_key(i, x.path), data, label=x.label, fmt=fmt)
+
+    extra = {"source": os.path.abspath(src), "reencode": reencode}
+    if classes is not None:
+        extra["classes"] = classes
+    _write(report, opts, samples(), modality="vision", extra=extra)
+    return report
+
+
+# ============================================================================= audio
+def _audio_job(job: tuple) -> tuple[Optional[dict], str]:
+    """(path, label, sample_rate) -> (sample members without key, "") or (None, reason)."""
+    path, label, target_sr = job
+    import soundfile as sf
+
+    if not os.path.isfile(path):
+        return None, "file not found"
+    try:
+        audio, sr = sf.read(path, dtype="float32", always_2d=True)
+    except Exception as exn:  # soundfile raises LibsndfileError (a RuntimeError) or OSError
+        return None, f"cannot decode audio: {_short(exn)}"
+    if audio.shape[0] == 0:
+        return None, "empty audio (0 samples)"
+    audio = audio.mean(axis=1, dtype=np.float32) if audio.shape[1] > 1 else audio[:, 0]
+    if not np.isfinite(audio).all():
+        return None, "audio has NaN/inf samples"
+    if sr != target_sr:
+        import soxr
+
+        audio = soxr.resample(np.ascontiguousarray(audio), sr, target_sr)
+    sample = encode_speech_sample("x", audio, target_sr, label=label)
+    del sample["__key__"]
+    return sample, ""
+
+
+def build_audio_shards(src: str, opts: _Options, *, sample_rate: int = 16000, labels: str = "none",
+                       exts: tuple[str, ...] = ("wav", "flac")) -> BuildReport:
+    report = BuildReport("scaling-shards audio")
+    if os.path.isdir(src):
+        inputs, classes = _scan_folder(src, exts, labels, report)
+    else:
+        inputs, classes = _read_list(src, 2, True, report), None
+    inputs = _order(inputs, opts.shuffle, opts.seed)
+    jobs = [(x.path, x.label, sample_rate) for x in inputs]
+
+    def samples():
+        with _progress(len(jobs), "audio", opts.progress) as bar:
+            for i, (x, (res, reason)) in enumerate(zip(inputs, _ordered_map(_audio_job, jobs, opts.workers))):
+                bar.update(1)
+                if res is None:
+                    report.skipped.append((x.path, reason))
+                    continue
+                yield {"__key__": _key(i, x.path), **res}
+
+    extra = {"source": os.path.abspath(src), "sample_rate": int(sample_rate)}
+    if classes is not None:
+        extra["classes"] = classes
+    _write(report, opts, samples(), modality="speech", extra=extra)
+    return report
+
+
+# ============================================================================= text
+def _text_files(srcs: list[str], exts: tuple[str, ...], report: BuildReport) -> list[str]:
+    files = []
+    for src in srcs:
+        if os.path.isdir(src):
+            found, ignored = _walk(src, exts)
+            if ignored:
+                report.notes.append(f"{ignored} files under {src} without a {'/'.join(exts)} extension were not read")
+            files += found
+        elif os.path.isfile(src):
+            files.append(src)
+        else:
+            report.skipped.append((src, "not found"))
+    return files
+
+
+def _documents(files: list[str], unit: str, report: BuildReport, bar) -> Iterator[tuple[str, str, str]]:
+    """``(path, key suffix, text)`` per non-empty document, UTF-8, whitespace stripped."""
+    for path in files:
+        try:
+            if unit == "file":
+                try:
+                    with open(path, "rb") as f:
+                        raw = f.read()
+                except OSError as exn:
+                    report.skipped.append((path, f"cannot read: {exn.strerror or _short(exn)}"))
+                    continue
+                try:
+                    text = raw.decode("utf-8-sig").strip()
+                except UnicodeDecodeError as exn:
+                    report.skipped.append((path, f"not UTF-8 text (bad byte at offset {exn.start})"))
+                    continue
+                if not text:
+                    report.skipped.append((path, "empty document"))
+                    continue
+                yield path, "", text
+            else:
+                try:
+                    f = open(path, "rb")
+                except OSError as exn:
+                    report.skipped.append((path, f"cannot read: {exn.strerror or _short(exn)}"))
+                    continue
+                with f:
+                    for lineno, line in enumerate(f, 1):
+                        try:
+                            text = line.decode("utf-8-sig" if lineno == 1 else "utf-8").strip()
+                        except UnicodeDecodeError as exn:
+                            report.skipped.append((f"{path}:{lineno}", f"not UTF-8 text (bad byte at offset {exn.start})"))
+                            continue
+                        if text:  # blank lines separate documents; they are not inputs
+                            yield path, f"_l{lineno}", text
+        finally:
+            bar.update(1)
+
+
+def build_text_shards(src: str, opts: _Options, *, tokenizer: str, doc: str = "auto",
+                      exts: tuple[str, ...] = ("txt",), labels: str = "none", batch_docs: int = 256) -> BuildReport:
+    import sentencepiece as spm
+
+    report = BuildReport("scaling-shards text")
+    ident = _check_project_tokenizer(tokenizer)
+    sp = spm.SentencePieceProcessor(model_file=tokenizer)
+    unit = ("file" if os.path.isdir(src) else "line") if doc == "auto" else doc
+    classes = None
+    if os.path.isdir(src) and labels != "none":
+        inputs, classes = _scan_folder(src, exts, labels, report)
+    else:
+        inputs = [_Input(p) for p in _text_files([src], exts, report)]
+    inputs = _order(inputs, opts.shuffle, opts.seed)
+    label_of = {x.path: x.label for x in inputs}
+
+    def samples():
+        counter = 0
+        with _progress(len(inputs), "text", opts.progress) as bar:
+            docs = _documents([x.path for x in inputs], unit, report, bar)
+            while True:
+                batch = [d for _, d in zip(range(batch_docs), docs)]
+                if not batch:
+                    return
+                encoded = sp.encode([t for _, _, t in batch], num_threads=max(1, opts.workers))
+                for (path, suffix, _), ids in zip(batch, encoded):
+                    if not ids:
+                        report.skipped.append((path + suffix.replace("_l", ":"), "no tokens"))
+                        continue
+                    yield encode_text_sample(_key(counter, path, suffix), np.asarray(ids, dtype=np.int32),
+                                             label=label_of.get(path))
+                    counter += 1
+
+    extra = {"source": os.path.abspath(src), "documents": f"one per {unit}"}
+    if classes is not None:
+        extra["classes"] = classes
+    _write(report, opts, samples(), modality="text", tokenizer=tokenizer, extra=extra)
+    if report.samples:
+        report.notes.append(f"tokenizer {tokenizer}: vocab {ident['vocab_size']}, sha256 {ident['sha256']}")
+    return report
+
+
+# ============================================================================= CLI
+_SHARDS_USAGE = """scaling-shards {image,audio,text} SRC OUT [options]
+
+Build an indexed webdataset shard set OUT/<prefix>-NNNNNN.tar + OUT/<prefix>.index.json.
+  image SRC OUT                      image folder tree (class sub-folders -> labels) or list file
+  audio SRC OUT                      folder of wav/flac or a tsv manifest -> 16 kHz FLAC
+  text  SRC OUT --tokenizer MODEL    text file(s), one document per file or per line -> token ids
+'scaling-shards COMMAND -h' lists each command's options."""
+
+
+def _common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("out", metavar="OUT", help="output folder")
+    p.add_argument("--prefix", default="train", help="shard names <prefix>-NNNNNN.tar (default train)")
+    p.add_argument("--shard-size", type=float, default=DEFAULT_SHARD_MB, metavar="MB",
+                   help=f"close a shard once it holds this many MB (10^6 bytes; default {DEFAULT_SHARD_MB:g}; 0: no limit)")
+    p.add_argument("--samples-per-shard", type=int, default=None, metavar="N",
+                   help="close a shard after N samples (default: no limit; both limits may be given)")
+    p.add_argument("--workers", type=int, default=1, help="processes decoding inputs (text: encoder threads)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the one-off input shuffle (default 0)")
+    p.add_argument("--no-shuffle", action="store_true", help="keep the sorted input order")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing shard set of the same prefix in OUT")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _prepare_out(out: str, prefix: str, overwrite: bool) -> Optional[str]:
+    """Refuses (returns a message) to mix with an existing shard set of the same prefix unless
+    ``overwrite``, in which case its shards and index are removed first."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        return f"OUT {out} exists and is not a folder"
+    if not os.path.isdir(out):
+        return None
+    old = sorted(f for f in os.listdir(out)
+                 if f == prefix + INDEX_SUFFIX or ((m := _SHARD_NAME.fullmatch(f)) is not None and m["prefix"] == prefix))
+    if old and not overwrite:
+        return f"{out} already holds a '{prefix}' shard set ({len(old)} files, e.g. {old[0]}); pass --overwrite to replace it"
+    for f in old:
+        os.remove(os.path.join(out, f))
+    return None
+
+
+def shards_main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = ("image", "audio", "text")
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        print(_SHARDS_USAGE, file=sys.stdout if argv and argv[0] in ("-h", "--help") else sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    cmd = argv.pop(0)
+    p = argparse.ArgumentParser(prog=f"scaling-shards {cmd}")
+    _common_args(p)
+    if cmd == "image":
+        p.add_argument("--labels", choices=("auto", "folders", "none"), default="auto",
+                       help="auto (default): class sub-folders become labels when every image is in one")
+        p.add_argument("--reencode", choices=("png", "jpg"), default=None, help="re-encode instead of storing the bytes as they are")
+        p.add_argument("--jpeg-quality", type=int, default=95)
+        p.add_argument("--ext", default=",".join(IMAGE_EXTS), help="file extensions read from a folder")
+    elif cmd == "audio":
+        p.add_argument("--sample-rate", type=int, default=16000, help="resample to this rate (soxr) when needed")
+        p.add_argument("--labels", choices=("auto", "folders", "none"), default="none",
+                       help="folders: first-level sub-folder names become labels (default none)")
+        p.add_argument("--ext", default="wav,flac", help="file extensions read from a folder (default wav,flac)")
+    else:
+        p.add_argument("--tokenizer", required=True, metavar="MODEL", help="sentencepiece model (scaling-tokenizer train)")
+        p.add_argument("--doc", choices=("auto", "file", "line"), default="auto",
+                       help="one document per file or per line (auto: per line for a file SRC, per file for a folder)")
+        p.add_argument("--labels", choices=("folders", "none"), default="none")
+        p.add_argument("--ext", default="txt", help="file extensions read from a folder (default txt)")
+    args = p.parse_args(argv)
+    if not os.path.exists(args.src):
+        p.error(f"SRC {args.src} not found")
+    if args.samples_per_shard is not None and args.samples_per_shard <= 0:
+        p.error("--samples-per-shard must be positive")
+    if args.shard_size < 0 or 0 < args.shard_size * 1e6 < 10240:
+        p.error("--shard-size must be 0 (no limit) or at least 0.01024 MB (one tar record)")
+    if not args.prefix or "." in args.prefix or "/" in args.prefix:
+        p.error("--prefix must be non-empty and contain no '.' or '/'")
+    if cmd == "text":
+        if not os.path.isfile(args.tokenizer):
+            p.error(f"--tokenizer {args.tokenizer} not found")
+        try:
+            _check_project_tokenizer(args.tokenizer)
+        except (RuntimeError, ValueError) as exn:  # not a sentencepiece model, or other special ids
+            p.error(f"--tokenizer {args.tokenizer}: {_short(exn, 400)}")
+    msg = _prepare_out(args.out, args.prefix, args.overwrite)
+    if msg:
+        p.error(msg)
+    opts = _Options(out=args.out, prefix=args.prefix, shard_mb=args.shard_size or None,
+                    samples_per_shard=args.samples_per_shard, shuffle=not args.no_shuffle, seed=args.seed,
+                    workers=max(1, args.workers), progress=not args.no_progress)
+    exts = tuple(e.strip().lower().lstrip(".") for e in args.ext.split(",") if e.strip())
+    if cmd == "image":
+        report = build_image_shards(args.src, opts, labels=args.labels, reencode=args.reencode,
+                                    jpeg_quality=args.jpeg_quality, exts=exts)
+    elif cmd == "audio":
+        report = build_audio_shards(args.src, opts, sample_rate=args.sample_rate, labels=args.labels, exts=exts)
+    else:
+        report = build_text_shards(args.src, opts, tokenizer=args.tokenizer, doc=args.doc, exts=exts, labels=args.labels)
+    print(report.summary(), flush=True)
+    return 1 if report.error else 0
+
+
+_TOKENIZER_USAGE = """scaling-tokenizer train TEXT... OUT --vocab-size N [options]
+scaling-tokenizer info MODEL
+
+train: a sentencepiece model OUT.model (+ OUT.vocab) with the project's special ids
+       (<s> 0, <pad> 1, </s> 2, <unk> 3, <mask> 4) from the non-empty lines of the TEXT files/folders.
+info:  the model's identity as the shard index records it (sha256, vocab size, special ids)."""
+
+
+def _model_prefix(out: str) -> str:
+    if out.endswith(".model"):
+        return out[: -len(".model")]
+    if os.path.isdir(out) or out.endswith(os.sep):
+        return os.path.join(out, "tokenizer")
+    return out
+
+
+def tokenizer_main(argv: Optional[list[str]] = None) -> int:
+    import json
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("train", "info"):
+        helped = bool(argv) and argv[0] in ("-h", "--help")
+        print(_TOKENIZER_USAGE, file=sys.stdout if helped else sys.stderr)
+        return 0 if helped else 2
+    cmd = argv.pop(0)
+    if cmd == "info":
+        p = argparse.ArgumentParser(prog="scaling-tokenizer info")
+        p.add_argument("model", metavar="MODEL")
+        args = p.parse_args(argv)
+        if not os.path.isfile(args.model):
+            p.error(f"{args.model} not found")
+        print(json.dumps(tokenizer_identity(args.model), indent=1))
+        return 0
+
+    p = argparse.ArgumentParser(prog="scaling-tokenizer train")
+    p.add_argument("texts", nargs="+", metavar="TEXT", help="text files or folders (lines are the training sentences)")
+    p.add_argument("out", metavar="OUT", help="model path (OUT.model, or OUT/tokenizer.model for a folder)")
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--model-type", choices=("unigram", "bpe", "char", "word"), default="unigram")
+    p.add_argument("--character-coverage", type=float, default=0.9995)
+    p.add_argument("--input-sentence-size", type=int, default=1_000_000, help="lines sampled for training (default 1M)")
+    p.add_argument("--max-sentence-length", type=int, default=8192, help="longer lines (bytes) are left out")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--threads", type=int, default=1, help="training threads (default 1)")
+    p.add_argument("--ext", default="txt", help="file extensions read from a folder (default txt)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_intermixed_args(argv)
+    if args.vocab_size <= len(SPECIAL_PIECES):
+        p.error("--vocab-size must exceed the 5 special pieces")
+    prefix = _model_prefix(args.out)
+    report = BuildReport("scaling-tokenizer train")
+    exts = tuple(e.strip().lower().lstrip(".") for e in args.ext.split(",") if e.strip())
+    files = _text_files(args.texts, exts, report)
+    counts = {"lines": 0, "too_long": 0}
+
+    def sentences():
+        with _progress(len(files), "text", not args.no_progress) as bar:
+            for _, _, text in _documents(files, "line", report, bar):
+                if len(text.encode()) > args.max_sentence_length:
+                    counts["too_long"] += 1
+                    continue
+                counts["lines"] += 1
+                yield text
+
+    try:
+        path = train_tokenizer(sentences(), prefix, args.vocab_size, model_type=args.model_type,
+                               input_sentence_size=args.input_sentence_size,
+                               character_coverage=args.character_coverage,
+                               max_sentence_length=args.max_sentence_length, seed=args.seed,
+                               num_threads=max(1, args.threads))
+    except RuntimeError as exn:
+        print(f"scaling-tokenizer train: failed after {counts['lines']} lines of {len(files)} files: {_short(exn, 400)}",
+              file=sys.stderr)
+        for src, reason in report.skipped[:MAX_LISTED_SKIPS]:
+            print(f"  skipped {src}: {reason}", file=sys.stderr)
+        return 1
+    ident = tokenizer_identity(path)
+    print(f"scaling-tokenizer train: {path} ({args.model_type}, vocab {ident['vocab_size']}, sha256 {ident['sha256']}) "
+          f"from {counts['lines']} lines of {len(files)} files; {len(report.skipped)} input"
+          f"{'s' * (len(report.skipped) != 1)} skipped", flush=True)
+    if counts["too_long"]:
+        print(f"  note: {counts['too_long']} lines over {args.max_sentence_length} bytes left out")
+    for n in report.notes:
+        print(f"  note: {n}")
+    for src, reason in report.skipped[:MAX_LISTED_SKIPS]:
+        print(f"  skipped {src}: {reason}")
+    if len(report.skipped) > MAX_LISTED_SKIPS:
+        print(f"  ... and {len(report.skipped) - MAX_LISTED_SKIPS} more skipped inputs")
+    return 0
+
