@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from test_data import one_epoch_items
 from scaling.config import DataConfig, MaskingConfig, ModelConfig
 from scaling.data import build_loader
 from scaling.data.build import shards_main, tokenizer_main
@@ -43,13 +44,6 @@ def loader(cfgs, mb=1):
     return build_loader(d, m, k, seed=0, rank=0, world_size=1, micro_batch_size=mb)
 
 
-def one_epoch(L) -> list[dict]:
-    rows = []
-    while True:
-        b = next(L)
-        if L.epoch != 0:
-            return rows
-        rows.append(b)
 
 
 def tar_samples(spec: str) -> dict[int, tuple[str, str, dict]]:
@@ -130,7 +124,7 @@ def test_image_folder_round_trip(tmp_path, capsys):
         assert members[ext] == path.read_bytes() and int(members["cls"]) == label
 
     # read back through the loader (augmentation off): the decoded source pixels and the labels
-    rows = one_epoch(loader(make_cfgs("vision", spec)))
+    rows = one_epoch_items(loader(make_cfgs("vision", spec)))
     assert len(rows) == 5
     for b in rows:
         path, label = files[stem_of(stored[int(b["sample_id_B"])][1])]
@@ -201,7 +195,7 @@ def test_audio_folder_round_trip(tmp_path, capsys):
         assert meta == {"num_samples": reference(stem_of(key)).shape[0], "sample_rate": 16000}
         assert "cls" not in members
 
-    rows = one_epoch(loader(make_cfgs("speech", spec)))
+    rows = one_epoch_items(loader(make_cfgs("speech", spec)))
     assert len(rows) == 3
     for b in rows:
         ref = reference(stem_of(stored[int(b["sample_id_B"])][1]))
@@ -266,7 +260,7 @@ def test_text_round_trip_and_loader_checks(tmp_path, capsys):
     d, m, k = cfgs = make_cfgs("text", spec)
     d.text.tokenizer, m.text.vocab_size = str(tok1), sp.get_piece_size()
     stored = tar_samples(spec)
-    rows = one_epoch(loader(cfgs))
+    rows = one_epoch_items(loader(cfgs))
     assert len(rows) == 5
     seen = set()
     for b in rows:

@@ -298,6 +298,17 @@ class _Options:
     progress: bool = True
 
 
+def _decoded(inputs, job, jobs, what: str, opts, report):
+    """(index, input, result) for every input whose job succeeded, in input order, with a progress
+    bar; failures go to the report's skipped list with their reason."""
+    with _progress(len(jobs), what, opts.progress) as bar:
+        for i, (x, (res, reason)) in enumerate(zip(inputs, _ordered_map(job, jobs, opts.workers))):
+            bar.update(1)
+            if res is None:
+                report.skipped.append((x.path, reason))
+                continue
+            yield i, x, res
+
 def _write(report: BuildReport, opts: _Options, samples: Iterator[dict], *, modality: str,
            tokenizer: Optional[str] = None, extra: Optional[dict] = None) -> BuildReport:
     extra = {"tool": report.tool, **(extra or {})}
@@ -379,14 +390,8 @@ def build_image_shards(src: str, opts: _Options, *, labels: str = "auto", reenco
     jobs = [(x.path, reencode, jpeg_quality) for x in inputs]
 
     def samples():
-        with _progress(len(jobs), "images", opts.progress) as bar:
-            for i, (x, (res, reason)) in enumerate(zip(inputs, _ordered_map(_image_job, jobs, opts.workers))):
-                bar.update(1)
-                if res is None:
-                    report.skipped.append((x.path, reason))
-                    continue
-                data, fmt = res
-                yield encode_vision_sample(_key(i, x.path), data, label=x.label, fmt=fmt)
+        for i, x, (data, fmt) in _decoded(inputs, _image_job, jobs, "images", opts, report):
+            yield encode_vision_sample(_key(i, x.path), data, label=x.label, fmt=fmt)
 
     extra = {"source": os.path.abspath(src), "reencode": reencode}
     if classes is not None:
@@ -432,13 +437,8 @@ def build_audio_shards(src: str, opts: _Options, *, sample_rate: int = 16000, la
     jobs = [(x.path, x.label, sample_rate) for x in inputs]
 
     def samples():
-        with _progress(len(jobs), "audio", opts.progress) as bar:
-            for i, (x, (res, reason)) in enumerate(zip(inputs, _ordered_map(_audio_job, jobs, opts.workers))):
-                bar.update(1)
-                if res is None:
-                    report.skipped.append((x.path, reason))
-                    continue
-                yield {"__key__": _key(i, x.path), **res}
+        for i, x, res in _decoded(inputs, _audio_job, jobs, "audio", opts, report):
+            yield {"__key__": _key(i, x.path), **res}
 
     extra = {"source": os.path.abspath(src), "sample_rate": int(sample_rate)}
     if classes is not None:
