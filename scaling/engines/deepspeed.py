@@ -406,10 +406,7 @@ class DeepSpeedEngine(ProcessGroup, Engine):
         for h in getattr(self, "_hooks", []):
             h.remove()
         super().close()
-        # Let a later engine in this process re-adopt a fresh process group: DeepSpeed caches the
-        # communication backend and the world group of the first one.
+        # Let a later engine in this process re-adopt a fresh process group.
         import deepspeed.comm.comm as ds_comm
-        import deepspeed.utils.groups as ds_groups
 
         ds_comm.cdb = None
-        ds_groups._WORLD_GROUP = None
