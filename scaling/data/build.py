@@ -263,6 +263,16 @@ def _order(inputs: list, shuffle: bool, seed: int) -> list:
     return [inputs[i] for i in perm]
 
 
+def _folder_or_list(src: str, exts: tuple[str, ...], labels: str, report: BuildReport, opts, *, label_column: int,
+                    fairseq_root: bool) -> tuple[list, Optional[list[str]]]:
+    """Inputs from a folder tree (classes from sub-folders) or a list file, in write order."""
+    if os.path.isdir(src):
+        inputs, classes = _scan_folder(src, exts, labels, report)
+    else:
+        inputs, classes = _read_list(src, label_column, fairseq_root, report), None
+    return _order(inputs, opts.shuffle, opts.seed), classes
+
+
 def _key(i: int, path: str, suffix: str = "") -> str:
     """A webdataset key (no dots or slashes): running number + the file's name, for tracing."""
     stem = os.path.splitext(os.path.basename(path))[0]
@@ -382,11 +392,7 @@ def _image_job(job: tuple) -> tuple[Optional[tuple[bytes, str]], str]:
 def build_image_shards(src: str, opts: _Options, *, labels: str = "auto", reencode: Optional[str] = None,
                        jpeg_quality: int = 95, exts: tuple[str, ...] = IMAGE_EXTS) -> BuildReport:
     report = BuildReport("scaling-shards image")
-    if os.path.isdir(src):
-        inputs, classes = _scan_folder(src, exts, labels, report)
-    else:
-        inputs, classes = _read_list(src, 1, False, report), None
-    inputs = _order(inputs, opts.shuffle, opts.seed)
+    inputs, classes = _folder_or_list(src, exts, labels, report, opts, label_column=1, fairseq_root=False)
     jobs = [(x.path, reencode, jpeg_quality) for x in inputs]
 
     def samples():
@@ -429,11 +435,7 @@ def _audio_job(job: tuple) -> tuple[Optional[dict], str]:
 def build_audio_shards(src: str, opts: _Options, *, sample_rate: int = 16000, labels: str = "none",
                        exts: tuple[str, ...] = ("wav", "flac")) -> BuildReport:
     report = BuildReport("scaling-shards audio")
-    if os.path.isdir(src):
-        inputs, classes = _scan_folder(src, exts, labels, report)
-    else:
-        inputs, classes = _read_list(src, 2, True, report), None
-    inputs = _order(inputs, opts.shuffle, opts.seed)
+    inputs, classes = _folder_or_list(src, exts, labels, report, opts, label_column=2, fairseq_root=True)
     jobs = [(x.path, x.label, sample_rate) for x in inputs]
 
     def samples():
