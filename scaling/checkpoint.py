@@ -101,15 +101,31 @@ class Checkpointer:
         return final
 
     def load(self, path: Path) -> dict:
+        """Engine state, and the train state: ``step``, ``mlflow_run_id``, ``data_states`` (this
+        rank's loader state; every old rank's when the world size changed) and ``same_world``."""
         meta = json.loads((path / "meta.json").read_text())
         if meta["format"] != FORMAT_VERSION:
             raise ValueError(f"{path}: checkpoint format {meta['format']}, this code reads {FORMAT_VERSION}")
+        old_world, world = int(meta["world_size"]), self.engine.world_size
+        if old_world != world and not self.engine.loads_other_world_size:
+            raise ValueError(f"{path} was written by {old_world} ranks; {type(self.engine).__name__} resumes only on "
+                             f"{old_world} ranks (this job has {world}). Convert it with DeepSpeed's ds_to_universal, "
+                             "or resume on the same world size")
         self.engine.load(path)
-        state_file = path / f"train_state_rank{self.engine.rank}.pt"
-        if not state_file.exists():
-            raise ValueError(f"{path}: no {state_file.name}; it was written by {meta['world_size']} rank(s)")
-        state = torch.load(state_file, weights_only=True)
-        set_rng_state(state.pop("rng"))
+        files = [path / f"train_state_rank{r}.pt" for r in range(old_world)]
+        for f in files:
+            if not f.exists():
+                raise ValueError(f"{path}: no {f.name}; it was written by {old_world} rank(s)")
+        if old_world == world:
+            state = torch.load(files[self.engine.rank], weights_only=True)
+            set_rng_state(state.pop("rng"))
+            state["data_states"] = [state.pop("data")]
+        else:
+            # Per-rank RNG streams do not map onto another world size; the caller re-seeds them.
+            states = [torch.load(f, weights_only=True) for f in files]
+            state = {k: v for k, v in states[0].items() if k not in ("rng", "data")}
+            state["data_states"] = [s["data"] for s in states]
+        state["same_world"] = old_world == world
         return state
 
     def _prune(self) -> None:

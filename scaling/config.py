@@ -198,8 +198,13 @@ class DataConfig:
     # A webdataset brace pattern (shards/train-{000000..000009}.tar) or a comma-separated list;
     # "synthetic" draws random samples (tests, smoke runs).
     train_shards: str = "synthetic"
-    num_workers: int = 0
-    shuffle_buffer: int = 256
+    num_workers: int = 0  # DataLoader workers per rank; each reads its own run of the epoch
+    shuffle_buffer: int = 256  # samples per shuffle window (encoded bytes are held in memory)
+    # Bad input: a sample bigger than this is skipped as "oversized"; the run stops once more than
+    # max_bad_fraction of the samples read job-wide were bad, checked from bad_check_min_samples on.
+    max_sample_bytes: int = 64 * 1024 * 1024
+    max_bad_fraction: float = 0.01
+    bad_check_min_samples: int = 1000
     speech: SpeechDataConfig = field(default_factory=SpeechDataConfig)
     vision: VisionDataConfig = field(default_factory=VisionDataConfig)
     text: TextDataConfig = field(default_factory=TextDataConfig)

@@ -72,8 +72,10 @@ def run(recipe: Recipe, *, stop_at_step: int | None = None, gather_state: bool =
     resume_from = checkpointer.resume_path()
     if resume_from is not None:
         state = checkpointer.load(resume_from)
-        loader.load_state_dict(state["data"])
+        loader.load_job_state(state["data_states"])  # exact, or a catch-up on another world size
         start_step, run_id = state["step"], state.get("mlflow_run_id")
+        if not state["same_world"]:
+            torch.manual_seed(recipe.seed + 1000 * (engine.rank + 1) + 7919 * start_step)
         log.info("resumed from %s at step %d", resume_from, start_step)
     else:
         # Dropout and augmentation streams differ per rank; the model init above did not.

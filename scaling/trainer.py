@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from scaling.checkpoint import Checkpointer
 from scaling.config import EMAConfig, MonitorConfig, ObjectiveConfig, TrainConfig
+from scaling.data.quality import BAD_KINDS, SHARD_EVENTS, STAT_NAMES
 from scaling.engines import Engine
 from scaling.objective import make_targets, regression_loss, std_from_stats, variance_stats
 from scaling.plan import BatchPlan
@@ -33,6 +34,7 @@ class StepStats:
     pred_var: float
     local_var: float
     grad_norm: float
+    data: dict[str, float]  # job-wide data counters (scaling.data.quality.STAT_NAMES), cumulative
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -44,6 +46,14 @@ def _valid_rows(x_BTD: torch.Tensor | None, padding_mask_BT: torch.Tensor | None
     if x_BTD is None:
         return like_ND[:0].float()
     return (x_BTD[~padding_mask_BT] if padding_mask_BT is not None else x_BTD.flatten(0, 1)).float()
+
+
+def _data_metrics(data: dict[str, float]) -> dict[str, float]:
+    """Samples read / good / items seen so far, and bad samples by kind (zeros included, so a
+    clean run shows flat zero curves rather than no curve)."""
+    out = {"data/samples_read": data["read"], "data/samples": data["good"], "data/items": data["items"]}
+    out.update({f"data/bad/{k}": data[k] for k in BAD_KINDS + SHARD_EVENTS})
+    return out
 
 
 class Trainer:
@@ -65,7 +75,8 @@ class Trainer:
         self.memory: dict[str, float] = {}
 
     # ------------------------------------------------------------------ one optimizer step
-    def train_step(self, micro_batches: list[dict]) -> StepStats:
+    def train_step(self, micro_batches: list[dict], data_stats: torch.Tensor) -> StepStats:
+        """``data_stats``: this rank's data counters (float64), summed over ranks in the step's stats all-reduce."""
         engine, obj = self.engine, self.objective_cfg
         engine.model.train()
         # The loss is normalised by the masked positions of the whole global batch: every micro-batch
@@ -98,8 +109,9 @@ class Trainer:
         teacher_tensors, student_tensors = engine.ema_tensors()
         EMATeacher.update(teacher_tensors, student_tensors, ema_decay(self.ema_cfg, self.step))
 
-        sums = engine.all_reduce_sum(sums)  # one collective for every logged statistic
-        loss_sum, target_stats, pred_stats, local_stats = sums.split(sizes)
+        # One collective for every logged statistic; float64 keeps sample counts exact past 2**24.
+        sums = engine.all_reduce_sum(torch.cat([sums.double(), data_stats.to(engine.device)]))
+        loss_sum, target_stats, pred_stats, local_stats, data = sums.split(sizes + [data_stats.numel()])
         return StepStats(
             loss=float(loss_sum) / num_masked,
             num_masked=num_masked,
@@ -107,6 +119,7 @@ class Trainer:
             pred_var=std_from_stats(pred_stats),
             local_var=std_from_stats(local_stats),  # NaN where the modality has no local encoder
             grad_norm=grad_norm,
+            data=dict(zip(STAT_NAMES, data.tolist())),
         )
 
     # ------------------------------------------------------------------ the loop
@@ -120,7 +133,9 @@ class Trainer:
             t0 = time.perf_counter()
             micro_batches = [next(self.loader) for _ in range(self.plan.accumulation)]
             t_data = time.perf_counter() - t0
-            stats = self.train_step(micro_batches)
+            stats = self.train_step(micro_batches, self.loader.stats())
+            # Every rank sees the same job-wide counts, so all stop at the same step (no hung collective).
+            self.loader.check_bad_fraction(stats.data)
             self.step += 1
             if self.step == start_step + 1:  # optimizer state exists from the first step on
                 self._log_memory()
@@ -134,7 +149,7 @@ class Trainer:
                     "target_var": stats.target_var, "pred_var": stats.pred_var, "local_var": stats.local_var,
                     "grad_norm": stats.grad_norm, "samples_per_s": samples_per_step / dt,
                     "data_wait_s": t_data, "data_wait_share": t_data / dt, "num_masked": stats.num_masked,
-                    "epoch": getattr(self.loader, "epoch", 0),
+                    "epoch": self.loader.epoch, **_data_metrics(stats.data),
                 }, step=self.step)
             self._check_collapse(stats)
             if self.step % self.checkpointer.cfg.every_steps == 0 or self.step == last:

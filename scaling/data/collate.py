@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from scaling.config import DataConfig, MaskingConfig, ModelConfig
+from scaling.data.quality import BadSample
 from scaling.data.shards import quiet_tv_io
 from scaling.masking import sample_rng, speech_span_mask, text_span_mask, vision_block_mask
 
@@ -36,9 +37,42 @@ def _label(raw: dict) -> Optional[int]:
     v = raw.get("cls")
     if v is None:
         return None
-    if isinstance(v, (bytes, bytearray)):
-        v = v.decode().strip()
-    return int(v)
+    try:
+        return int(v.decode().strip() if isinstance(v, (bytes, bytearray)) else v)
+    except (UnicodeDecodeError, ValueError):
+        raise BadSample("bad_label", f"cls member {bytes(v)[:20]!r} is not an integer") from None
+
+
+def _payload(raw: dict, exts: tuple[str, ...]) -> bytes:
+    for ext in exts:
+        if ext in raw:
+            if not raw[ext]:
+                raise BadSample("empty", f"{ext} member has zero bytes")
+            return raw[ext]
+    members = sorted(k for k in raw if not k.startswith("__"))
+    raise BadSample("missing_field", f"no {'/'.join(exts)} member (members: {members})")
+
+
+def _meta(raw: dict) -> dict:
+    if "json" not in raw:
+        return {}
+    try:
+        meta = json.loads(raw["json"])
+    except (UnicodeDecodeError, ValueError) as exn:
+        raise BadSample("metadata_mismatch", f"json member is not JSON: {exn}") from None
+    if not isinstance(meta, dict):
+        raise BadSample("metadata_mismatch", "json member is not an object")
+    return meta
+
+
+def _check_meta(meta: dict, field: str, actual: int) -> None:
+    want = meta.get(field)
+    try:
+        ok = want is None or int(want) == actual
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise BadSample("metadata_mismatch", f"json {field} {want!r} != {actual} decoded")
 
 
 class SampleProcessor:
@@ -69,11 +103,11 @@ class SampleProcessor:
 
     # ------------------------------------------------------------------ dispatch
     def from_raw(self, raw: dict, epoch: int, sample_id: int) -> list[dict]:
-        """Items of one webdataset sample. Raises on undecodable input (the caller skips it)."""
+        """Items of one webdataset sample. Raises :class:`BadSample` (with its kind) on input that
+        cannot be used; the loader skips and counts it."""
         label = _label(raw)
         if self.modality == "speech":
-            audio, sr = self._decode_audio(raw)
-            return self.speech_items(audio, sr, epoch, sample_id, label)
+            return self.speech_items(self._decode_audio(raw), epoch, sample_id, label)
         if self.modality == "vision":
             image = self._decode_image(raw)
             return self.vision_items(image, epoch, sample_id, label)
@@ -81,34 +115,33 @@ class SampleProcessor:
         return self.text_items(ids, epoch, sample_id, label)
 
     # ------------------------------------------------------------------ speech
-    def _decode_audio(self, raw: dict) -> tuple[np.ndarray, int]:
+    def _decode_audio(self, raw: dict) -> np.ndarray:
         import soundfile as sf
 
-        data = None
-        for ext in ("flac", "wav"):
-            if ext in raw:
-                data = raw[ext]
-                break
-        if data is None:
-            raise ValueError(f"no flac/wav member (members: {sorted(k for k in raw if not k.startswith('__'))})")
-        audio, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        data = _payload(raw, ("flac", "wav"))
+        try:
+            audio, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as exn:
+            raise BadSample("decode_error", f"audio does not decode: {exn}") from None
+        if audio.shape[0] == 0:
+            raise BadSample("empty", "audio has zero frames")
+        meta = _meta(raw)
+        _check_meta(meta, "num_samples", audio.shape[0])
+        _check_meta(meta, "sample_rate", sr)
+        if sr != self.data_cfg.speech.sample_rate:
+            # Shards are resampled when built (scaling-shards audio); a stray rate is a bad sample.
+            raise BadSample("sample_rate", f"{sr} Hz, not data.speech.sample_rate {self.data_cfg.speech.sample_rate}")
         audio = audio.mean(axis=1) if audio.shape[1] > 1 else audio[:, 0]
-        if "json" in raw:
-            meta = json.loads(raw["json"])
-            n = meta.get("num_samples")
-            if n is not None and int(n) != audio.shape[0]:
-                raise ValueError(f"json num_samples {n} != decoded length {audio.shape[0]}")
-        return np.ascontiguousarray(audio, dtype=np.float32), int(sr)
+        if not np.isfinite(audio).all():
+            raise BadSample("non_finite", "audio holds NaN or inf")
+        return np.ascontiguousarray(audio, dtype=np.float32)
 
-    def speech_items(self, audio: np.ndarray, sr: int, epoch: int, sample_id: int, label: Optional[int]) -> list[dict]:
+    def speech_items(self, audio: np.ndarray, epoch: int, sample_id: int, label: Optional[int]) -> list[dict]:
+        """``audio``: mono float32 at ``data.speech.sample_rate``."""
         cfg = self.data_cfg.speech
-        if sr != cfg.sample_rate:
-            import soxr
-
-            audio = soxr.resample(audio, sr, cfg.sample_rate).astype(np.float32, copy=False)
         n = int(audio.shape[0])
-        if n < cfg.min_samples:
-            return []  # too short: skipped, as fairseq's min_sample_size filter
+        if n < cfg.min_samples:  # as fairseq's min_sample_size filter
+            raise BadSample("too_short", f"{n} samples < data.speech.min_samples {cfg.min_samples}")
         rng = sample_rng(self.seed, epoch, sample_id)
         if n > cfg.max_samples:
             start = int(rng.integers(0, n - cfg.max_samples + 1))
@@ -121,7 +154,7 @@ class SampleProcessor:
             audio = ((a64 - a64.mean()) / np.sqrt(a64.var() + 1e-5)).astype(np.float32)
         frames = self._conv_out(n, self.model_cfg.speech.conv_layers)
         if frames <= 0:
-            return []
+            raise BadSample("too_short", f"{n} samples give no frame after the feature encoder")
         mask = speech_span_mask(rng, frames, self.masking_cfg.speech)
         return [{"audio": audio, "mask": mask, "label": label, "id": int(sample_id)}]
 
@@ -162,12 +195,15 @@ class SampleProcessor:
     def _decode_image(self, raw: dict) -> torch.Tensor:
         from torchvision.io import decode_image
 
-        for ext in ("png", "jpg", "jpeg", "webp"):
-            if ext in raw:
-                data = torch.from_numpy(np.frombuffer(raw[ext], dtype=np.uint8).copy())
-                with quiet_tv_io():
-                    return decode_image(data, mode=self._read_mode)
-        raise ValueError(f"no png/jpg member (members: {sorted(k for k in raw if not k.startswith('__'))})")
+        data = torch.from_numpy(np.frombuffer(_payload(raw, ("png", "jpg", "jpeg", "webp")), dtype=np.uint8).copy())
+        try:
+            with quiet_tv_io():
+                image = decode_image(data, mode=self._read_mode)
+        except (RuntimeError, ValueError) as exn:  # torchvision's codecs raise RuntimeError on bad bytes
+            raise BadSample("decode_error", f"image does not decode: {str(exn).splitlines()[0]}") from None
+        if image.shape[-1] == 0 or image.shape[-2] == 0:
+            raise BadSample("empty", f"image of size {tuple(image.shape)}")
+        return image
 
     def vision_items(self, image: torch.Tensor, epoch: int, sample_id: int, label: Optional[int]) -> list[dict]:
         """``image``: uint8 ``[C,H,W]`` with the model's channel count."""
@@ -187,24 +223,20 @@ class SampleProcessor:
 
     # ------------------------------------------------------------------ text
     def _decode_ids(self, raw: dict) -> np.ndarray:
-        if "ids" not in raw:
-            raise ValueError(f"no ids member (members: {sorted(k for k in raw if not k.startswith('__'))})")
-        data = raw["ids"]
+        data = _payload(raw, ("ids",))
         if len(data) % 4:
-            raise ValueError(f"ids member has {len(data)} bytes, not a multiple of 4 (int32)")
+            raise BadSample("decode_error", f"ids member has {len(data)} bytes, not a multiple of 4 (int32)")
         ids = np.frombuffer(data, dtype="<i4").astype(np.int64)
-        if "json" in raw:
-            n = json.loads(raw["json"]).get("num_tokens")
-            if n is not None and int(n) != ids.shape[0]:
-                raise ValueError(f"json num_tokens {n} != {ids.shape[0]} ids")
+        _check_meta(_meta(raw), "num_tokens", ids.shape[0])
+        vocab = self.model_cfg.text.vocab_size
+        if ids.min() < 0 or ids.max() >= vocab:
+            raise BadSample("bad_tokens", f"token ids in [{ids.min()}, {ids.max()}], outside [0, {vocab})")
         return ids
 
     def text_items(self, ids: np.ndarray, epoch: int, sample_id: int, label: Optional[int]) -> list[dict]:
         """One document (ids without BOS/EOS) -> blocks ``[BOS] + chunk + [EOS]`` of <= block_size."""
         tc = self.model_cfg.text
         ids = np.asarray(ids, dtype=np.int64)
-        if ids.size and (ids.min() < 0 or ids.max() >= tc.vocab_size):
-            raise ValueError(f"token ids outside [0, {tc.vocab_size})")
         content = self.data_cfg.text.block_size - 2
         items = []
         specials = np.array([BOS_ID, EOS_ID, tc.pad_id], dtype=np.int64)

@@ -1,42 +1,50 @@
-"""The training data stream: shards (or a synthetic source) -> per-rank shuffled samples -> batches.
+"""The training data stream: shards (or a synthetic source) -> per-slot shuffled samples -> batches.
 
-Per epoch and rank (reference: scaling-anchors §3.2, "design for our tar shards"):
+Slots (scaling-anchors §3.2, "design for our tar shards"; :mod:`scaling.data.partition`). A job
+has ``world_size x max(1, data.num_workers)`` slots, one per (rank, DataLoader worker). Epoch ``e``
+reads the shards in a permutation drawn from ``(seed, e)``; the concatenation of their samples is
+cut into one contiguous, equal (+-1) run of positions per slot. Every sample is read exactly once
+per epoch across the job; uneven shards only move the cut points. The stream is infinite (epoch
+e+1 follows e without a gap, a batch may straddle the boundary) and the trainer counts steps, so
+no rank runs dry and no collective hangs; ``epochs=N`` gives a finite pass (probes, evaluation).
 
-1. shard order = a permutation drawn from ``(seed, epoch)``;
-2. the shard at position i of that order goes to rank ``i % world_size``; with fewer shards than
-   ranks every rank reads all shards and keeps the samples whose running index is
-   ``rank (mod world_size)``;
-3. a shuffle buffer of ``data.shuffle_buffer`` raw (still encoded) samples, with an RNG from
-   ``(seed, epoch, rank)``;
-4. each sample is decoded and masked with ``sample_rng(seed, epoch, id)``, where ``id`` is
-   ``crc32(shard basename + "/" + __key__)``: its mask does not depend on its batch neighbours,
-   on the rank or on the micro-batch size;
-5. items are grouped into micro-batches. The stream is infinite: epoch e+1 follows epoch e
-   without a gap (a batch may straddle the boundary), and the trainer decides the step count.
+Per slot:
 
-Position and resume. The loader's position is ``(epoch, raw, sub)``: the next item to hand out
-is item ``sub`` of raw sample ``raw`` (counted after rank split and shuffle) of ``epoch``.
-CURRENT IMPLEMENTATION of resume: ``load_state_dict`` re-creates that epoch's deterministic
-stream and skips the ``raw`` samples already consumed (they are read from the tars and go through
-the shuffle buffer, but are not decoded). The cost is up to one epoch of tar reading per rank.
-A later version keeps shard cursors (shard, member offset, shuffle-buffer contents) instead; that
-change stays behind :class:`Loader`'s interface (``state_dict``/``load_state_dict``).
+1. its positions are read in order from the tars (webdataset's tar iterator; a run that starts
+   inside a shard seeks to its sample through a scan of the tar headers, no member data is read);
+2. shuffle: consecutive windows of ``data.shuffle_buffer`` positions are each permuted with an RNG
+   from ``(seed, segment, slot, window)``. Unlike webdataset's reservoir buffer, the window's
+   content is a function of its position, so the shuffle state is a cursor, not sample bytes;
+3. each sample is decoded, augmented and masked with ``sample_rng(seed, epoch, id)``, where ``id`` is
+   ``crc32(shard basename + "/" + __key__)``: independent of its neighbours, its slot and the batch size;
+   a bad one is skipped and counted (:mod:`scaling.data.quality`);
+4. items (text documents give one per 512-token block) are batched inside the slot; with workers,
+   the DataLoader hands out batches round-robin over the workers, which is deterministic.
+
+State and exact resume. A slot's cursor is ``(segment, raw, sub)``: the next item is item ``sub``
+of the sample at position ``raw`` of the segment's shuffled order; a segment is an epoch, or the
+catch-up list after a layout change (``CATCHUP``). Resuming re-reads at most one shuffle window
+(from a seek, not from the shard's start) and decodes nothing before the cursor. The state also
+holds the next worker of the round-robin and the slot's counters: on the same layout the next
+batches are exactly those of the uninterrupted run. On another world size or worker count,
+:meth:`Loader.load_job_state` gathers every old slot's unread positions (rewound to its window
+start) into a catch-up list, splits it over the new slots and then starts the next epoch: nothing
+is skipped and at most one window per old slot is read twice. It says so in a warning.
 
 ``data.train_shards == "synthetic"``: an infinite synthetic source (sum of sinusoids for speech,
 rectangles on gradients for vision, a Markov chain for text), deterministic per
 ``(seed, global sample index)``. Synthetic "epochs" are blocks of ``synthetic_epoch_size``
-global indices; rank r takes the indices ``r (mod world_size)``.
-
-``num_workers > 0``: a torch ``DataLoader`` over an iterable dataset. Every worker walks the
-same raw stream (cheap: tar reading only) and decodes the raw samples whose running index is
-``worker (mod num_workers)``, yielding exactly one (possibly empty) list of items per raw sample;
-the DataLoader returns worker outputs round-robin, which is exactly raw order, so batches are
-identical to those of ``num_workers = 0``.
+global indices and slot s takes the indices ``s (mod slots)``, so any world size sees the same
+global batches (the engine tests compare sharded runs to one process with it).
 """
 
 from __future__ import annotations
 
+import collections
+import logging
 import os
+import re
+import tarfile
 import warnings
 import zlib
 from typing import Iterator, Optional
@@ -45,18 +53,22 @@ import numpy as np
 import torch
 
 from scaling.config import DataConfig, MaskingConfig, ModelConfig
+from scaling.data import partition
 from scaling.data.collate import BOS_ID, EOS_ID, SampleProcessor
+from scaling.data.quality import STAT_NAMES, BadSample, DataCounters, check_bad_fraction
 from scaling.data.shards import check_shard_set, expand_shards
 from scaling.masking import sample_rng
 
-__all__ = ["Loader", "build_loader", "sample_id", "BOS_ID", "EOS_ID"]
+__all__ = ["Loader", "build_loader", "sample_id", "BOS_ID", "EOS_ID", "CATCHUP"]
 
-STATE_VERSION = 1
+log = logging.getLogger("scaling.data")
+
+STATE_VERSION = 2
 DEFAULT_SYNTHETIC_EPOCH_SIZE = 100_000
+CATCHUP = -1  # the segment id of the catch-up list after a resume on another layout
 
 # Tags that separate the RNG streams drawn from the same seed.
-_TAG_SHARD_ORDER = 0x5348_4F52
-_TAG_SHUFFLE = 0x5348_5546
+_TAG_WINDOW = 0x5348_5546
 _TAG_SYNTH = 0x5359_4E54
 _TAG_MARKOV = 0x4D41_524B
 
@@ -66,101 +78,250 @@ def sample_id(shard_path: str, key: str) -> int:
     return zlib.crc32(f"{os.path.basename(shard_path)}/{key}".encode())
 
 
-# ============================================================================= raw sources
-class _ShardSource:
-    """Raw (encoded) samples of one rank and epoch, from tar shards."""
+# ============================================================================= tar reading
+_META = re.compile(r"__[^/]*__($|/)")
 
-    def __init__(self, paths: list[str], seed: int, rank: int, world_size: int, shuffle_buffer: int):
+
+def _is_member(name: str) -> bool:
+    """The tar members webdataset's ``tar_file_iterator`` hands out (it skips ``__meta__`` names)."""
+    return not _META.match(name)
+
+
+def _grouped(path: str, fileobj) -> Iterator[dict]:
+    """Samples of a tar stream read from its current position: webdataset's member iterator,
+    grouped by key as webdataset's ``group_by_keys`` does. A truncated tar raises (tarfile.TarError,
+    OSError or EOFError) and the sample being read when it ended is dropped."""
+    from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+    sample = None
+    for member in tar_file_iterator(fileobj):  # its default handler re-raises
+        prefix, suffix = base_plus_ext(member["fname"])
+        if prefix is None:
+            continue
+        if sample is None or prefix != sample["__key__"]:
+            if sample is not None:
+                yield sample
+            sample = {"__key__": prefix, "__url__": path}
+        suffix = suffix.lower()
+        if suffix in sample:
+            sample["__malformed__"] = f"member {member['fname']} appears twice"
+        sample[suffix] = member["data"]
+    if sample is not None:
+        yield sample
+
+
+def _sample_offsets(path: str) -> list[int]:
+    """Byte offset of each sample's first tar header: a scan of the headers only (``r:`` mode seeks
+    over member data). A truncated tar gives the offsets found before its end."""
+    from webdataset.tariterators import base_plus_ext
+
+    offsets, key = [], None
+    try:
+        with tarfile.open(path, "r:") as tf:
+            while (m := tf.next()) is not None:
+                tf.members = []  # keep memory flat on shards of many small samples
+                if not m.isreg() or not _is_member(m.name):
+                    continue
+                prefix, _ = base_plus_ext(m.name)
+                if prefix is not None and prefix != key:
+                    offsets.append(m.offset)
+                    key = prefix
+    except (tarfile.TarError, OSError, EOFError):
+        pass
+    return offsets
+
+
+class _TarReader:
+    """Reads runs of samples from shards. A run that continues where the last one stopped reuses the
+    open stream; any other start seeks to the sample's header. Per-process (each worker has its own)."""
+
+    def __init__(self):
+        self._offsets: collections.OrderedDict[str, list[int]] = collections.OrderedDict()
+        self._truncated_at: dict[str, int] = {}
+        self._open: Optional[tuple[str, int, Iterator[dict], object]] = None  # path, next sample, samples, file
+
+    def close(self) -> None:
+        if self._open is not None:
+            self._open[3].close()
+            self._open = None
+
+    def _offsets_of(self, path: str) -> list[int]:
+        if path not in self._offsets:
+            self._offsets[path] = _sample_offsets(path)
+            while len(self._offsets) > 64:
+                self._offsets.popitem(last=False)
+        return self._offsets[path]
+
+    def read(self, path: str, lo: int, hi: int) -> tuple[list[dict], Optional[int]]:
+        """Samples ``lo..hi-1`` of the shard, and the position where the shard turned out to end
+        early if that is inside ``[lo, hi)`` (None otherwise). Fewer samples than asked for means
+        the shard is truncated (its byte size matched the index, so it was truncated in place)."""
+        known_end = self._truncated_at.get(path)
+        if known_end is not None and lo >= known_end:
+            return [], None  # reported where the shard ends, in the run that holds that position
+        if self._open is not None and self._open[:2] == (path, lo):
+            samples, f = self._open[2], self._open[3]
+        else:
+            self.close()
+            f = open(path, "rb")
+            if lo > 0:
+                offsets = self._offsets_of(path)
+                if lo >= len(offsets):
+                    f.close()
+                    return self._truncated(path, lo, lo, hi, "before")
+                f.seek(offsets[lo])
+            samples = _grouped(path, f)
+        out: list[dict] = []
+        error = None
+        try:
+            while len(out) < hi - lo:
+                out.append(next(samples))
+        except StopIteration:
+            pass
+        except (tarfile.TarError, OSError, EOFError) as exn:
+            error = exn
+        if len(out) < hi - lo:
+            f.close()
+            self._open = None
+            return out, self._truncated(path, lo + len(out), lo, hi, repr(error) if error else "end of archive")[1]
+        self._open = (path, hi, samples, f)
+        return out, None
+
+    def _truncated(self, path: str, at: int, lo: int, hi: int, why: str) -> tuple[list, int]:
+        self._truncated_at[path] = min(at, self._truncated_at.get(path, at))
+        log.warning("shard %s ends after %d samples (%s); skipping its samples %d..%d", path, at, why, at, hi - 1)
+        return [], at
+
+
+class _Lost:
+    """A position of a truncated shard: never read; ``first`` marks where the shard ended."""
+
+    __slots__ = ("shard", "first")
+
+    def __init__(self, shard: str, first: bool):
+        self.shard, self.first = shard, first
+
+
+# ============================================================================= sources
+class _ShardSource:
+    """Samples of a slot's segments, read from tar shards (see the module docstring)."""
+
+    def __init__(self, paths: list[str], counts: list[int], seed: int, window: int, max_sample_bytes: int):
         self.paths = list(paths)
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.shuffle_buffer = int(shuffle_buffer)
+        self.names = [os.path.basename(p) for p in paths]
+        self.counts = [int(n) for n in counts]
+        self.num_samples = sum(self.counts)
+        self.seed = seed
+        self.window = max(1, int(window))
+        self.max_sample_bytes = int(max_sample_bytes)
+        self.catchup: list[partition.Interval] = []
+        self.after_catchup = 0
+        self._reader: Optional[_TarReader] = None
 
     def describe(self) -> str:
-        return f"shards:{len(self.paths)}"
+        crc = zlib.crc32("\n".join(self.names).encode())
+        return f"shards:{len(self.paths)}:{self.num_samples}:{crc:08x}"
 
-    def shards_of(self, epoch: int) -> tuple[list[str], bool]:
-        """(this rank's shards in read order, whether samples must be split by index)."""
-        order = np.random.default_rng([self.seed, epoch, _TAG_SHARD_ORDER]).permutation(len(self.paths))
-        ordered = [self.paths[i] for i in order]
-        if len(ordered) >= self.world_size:
-            return ordered[self.rank :: self.world_size], False
-        return ordered, True
+    def intervals(self, seg: int, slot: int, num_slots: int) -> list[partition.Interval]:
+        work = self.catchup if seg == CATCHUP else [(seg, 0, self.num_samples)]
+        return partition.split(work, num_slots, slot)
 
-    def _read(self, epoch: int) -> Iterator[dict]:
-        from webdataset.tariterators import tarfile_samples
+    def next_segment(self, seg: int) -> int:
+        return self.after_catchup if seg == CATCHUP else seg + 1
 
-        mine, split = self.shards_of(epoch)
-        index = 0
-        for path in mine:
-            def handler(exn, path=path):
-                warnings.warn(f"skipping unreadable data in shard {path}: {exn!r}")
-                return True
+    def stream(self, slot: int, num_slots: int, seg: int, raw_start: int) -> Iterator[tuple[int, int, int, object]]:
+        """``(segment, position, epoch, raw sample or _Lost)`` from the cursor on, forever."""
+        if self._reader is None:
+            self._reader = _TarReader()
+        B = self.window
+        while True:
+            ivs = self.intervals(seg, slot, num_slots)
+            n = partition.total(ivs)
+            for w in range(raw_start // B, -(-n // B)):
+                a, b = w * B, min(n, (w + 1) * B)
+                entries = self._read(partition.window(ivs, a, b))
+                perm = np.random.default_rng([self.seed, _TAG_WINDOW, seg + 1, slot, num_slots, w]).permutation(b - a)
+                for j in range(max(raw_start - a, 0), b - a):
+                    epoch, entry = entries[perm[j]]
+                    yield seg, a + j, epoch, entry
+            raw_start = 0
+            seg = self.next_segment(seg)
 
-            for raw in tarfile_samples([{"url": path}], handler=handler):
-                if split:
-                    keep = index % self.world_size == self.rank
-                    index += 1
-                    if not keep:
-                        continue
-                yield raw
+    def _read(self, ivs: list[partition.Interval]) -> list[tuple[int, object]]:
+        entries: list[tuple[int, object]] = []
+        for epoch, start, stop in ivs:
+            order = partition.shard_order(self.seed, epoch, len(self.paths))
+            for shard, lo, hi in partition.pieces(start, stop, order, self.counts):
+                got, ended_at = self._reader.read(self.paths[shard], lo, hi)
+                entries += [(epoch, raw) for raw in got]
+                entries += [(epoch, _Lost(self.names[shard], k == ended_at)) for k in range(lo + len(got), hi)]
+        return entries
 
-    def epoch_raws(self, epoch: int) -> Iterator[dict]:
-        it = self._read(epoch)
-        size = self.shuffle_buffer
-        if size <= 1:
-            yield from it
-            return
-        rng = np.random.default_rng([self.seed, epoch, self.rank, _TAG_SHUFFLE])
-        buf: list[dict] = []
-        for raw in it:
-            if len(buf) < size:
-                buf.append(raw)
-                continue
-            j = int(rng.integers(size))
-            out, buf[j] = buf[j], raw
-            yield out
-        rng.shuffle(buf)
-        yield from buf
-
-    def items(self, proc: SampleProcessor, raw: dict, epoch: int) -> list[dict]:
-        url, key = raw.get("__url__", "?"), raw.get("__key__", "?")
-        try:
-            return proc.from_raw(raw, epoch, sample_id(url, key))
-        except Exception as exn:  # a bad sample never stops training (fuller policy later)
-            warnings.warn(f"skipping bad sample {key!r} in shard {url}: {exn!r}")
+    def items(self, proc: SampleProcessor, entry, epoch: int, counters: DataCounters, count: bool) -> list[dict]:
+        if isinstance(entry, _Lost):
+            if count:
+                counters.add(epoch, "read")
+                counters.add(epoch, "truncated_lost", shard=entry.shard)
+                counters.add(epoch, "truncated_shard", int(entry.first), shard=entry.shard)
             return []
+        url, key = entry["__url__"], entry["__key__"]
+        shard = os.path.basename(url)
+        try:
+            size = sum(len(v) for k, v in entry.items() if not k.startswith("__"))
+            if size > self.max_sample_bytes:
+                raise BadSample("oversized", f"{size} bytes > data.max_sample_bytes {self.max_sample_bytes}")
+            if "__malformed__" in entry:
+                raise BadSample("malformed", entry["__malformed__"])
+            items = proc.from_raw(entry, epoch, sample_id(url, key))
+        except BadSample as exn:
+            if count:
+                counters.add(epoch, "read")
+                counters.add(epoch, exn.kind, shard=shard)
+                log.warning("skipping bad sample %r in shard %s (%s): %s", key, url, exn.kind, exn)
+            return []
+        if count:
+            for name, n in (("read", 1), ("good", 1), ("items", len(items))):
+                counters.add(epoch, name, n)
+        return items
 
 
 class _SyntheticSource:
     """Synthetic samples with learnable structure, deterministic per (seed, global index)."""
 
-    def __init__(self, data_cfg: DataConfig, model_cfg: ModelConfig, seed: int, rank: int, world_size: int, epoch_size: int):
-        if epoch_size < world_size:
-            raise ValueError(f"synthetic_epoch_size ({epoch_size}) must be >= world_size ({world_size})")
+    def __init__(self, data_cfg: DataConfig, model_cfg: ModelConfig, seed: int, epoch_size: int):
         self.data_cfg, self.model_cfg = data_cfg, model_cfg
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.seed = seed
         self.epoch_size = int(epoch_size)
+        self.num_samples = self.epoch_size
         self._markov = None
 
     def describe(self) -> str:
         return f"synthetic:{self.epoch_size}"
 
-    def epoch_raws(self, epoch: int) -> Iterator[dict]:
-        start = epoch * self.epoch_size
-        for g in range(start + self.rank, start + self.epoch_size, self.world_size):
-            yield {"__synthetic__": g}
+    def stream(self, slot: int, num_slots: int, seg: int, raw_start: int) -> Iterator[tuple[int, int, int, object]]:
+        epoch = seg
+        while True:
+            g0 = epoch * self.epoch_size + slot
+            for r in range(raw_start, len(range(slot, self.epoch_size, num_slots))):
+                yield epoch, r, epoch, g0 + r * num_slots
+            raw_start = 0
+            epoch += 1
 
-    def items(self, proc: SampleProcessor, raw: dict, epoch: int) -> list[dict]:
-        g = raw["__synthetic__"]
+    def items(self, proc: SampleProcessor, g: int, epoch: int, counters: DataCounters, count: bool) -> list[dict]:
         rng = sample_rng(self.seed, g, _TAG_SYNTH)
         m = self.model_cfg.modality
         if m == "speech":
             audio, label = self._speech(rng)
-            return proc.speech_items(audio, self.data_cfg.speech.sample_rate, epoch, g, label)
-        if m == "vision":
+            items = proc.speech_items(audio, epoch, g, label)
+        elif m == "vision":
             image, label = self._vision(rng)
-            return proc.vision_items(image, epoch, g, label)
-        return proc.text_items(self._text(rng), epoch, g, None)
+            items = proc.vision_items(image, epoch, g, label)
+        else:
+            items = proc.text_items(self._text(rng), epoch, g, None)
+        if count:
+            for name, n in (("read", 1), ("good", 1), ("items", len(items))):
+                counters.add(epoch, name, n)
+        return items
 
     def _speech(self, rng: np.random.Generator) -> tuple[np.ndarray, int]:
         dc = self.data_cfg.speech
@@ -220,38 +381,53 @@ class _SyntheticSource:
         return out
 
 
-# ============================================================================= item stream
-def _positions(source, proc: SampleProcessor, epoch: int, raw_start: int, worker: int = 0, num_workers: int = 1):
-    """Yields ``(epoch, raw, items)`` from (epoch, raw_start) on, forever.
+# ============================================================================= one slot
+def _slot_batches(source, proc: SampleProcessor, slot: int, num_slots: int, worker: int, cursor, counters_state,
+                  micro_batch_size: int, stop_epoch: Optional[int]):
+    """A slot's batches from ``cursor`` on: ``(worker, batch, cursor after it, counters, epoch)``.
 
-    With ``num_workers > 1`` only the raw samples with running index ``worker (mod
-    num_workers)`` (counted from the start position) are decoded and yielded."""
-    running = 0
-    while True:
-        seen = 0
-        for r, raw in enumerate(source.epoch_raws(epoch)):
-            seen += 1
-            if r < raw_start:
-                continue  # consumed before the checkpoint: read (for the shuffle buffer), not decoded
-            mine = running % num_workers == worker
-            running += 1
-            if mine:
-                yield epoch, r, source.items(proc, raw, epoch)
-        if seen == 0:
-            raise RuntimeError(f"rank {source.rank} has no samples in epoch {epoch} ({source.describe()})")
-        epoch += 1
-        raw_start = 0
+    ``stop_epoch``: end (with a last, possibly short batch) where that epoch would start."""
+    counters = DataCounters(counters_state)
+    seg0, raw0, sub0 = cursor
+    items: list[dict] = []
+    last_seg, idle_segments, epoch = seg0, 0, seg0
+    for seg, raw, epoch, entry in source.stream(slot, num_slots, seg0, raw0):
+        if seg != last_seg:
+            last_seg, idle_segments = seg, idle_segments + 1
+            if stop_epoch is not None and seg >= stop_epoch:
+                break
+            if idle_segments > 2:
+                raise RuntimeError(f"slot {slot} of {num_slots} (rank x worker) got no usable sample in two whole "
+                                   f"epochs ({source.describe()}); are all its samples bad?")
+        resumed = (seg, raw) == (seg0, raw0) and sub0 > 0  # this sample was counted before the checkpoint
+        produced = source.items(proc, entry, epoch, counters, count=not resumed)
+        for sub in range(sub0 if resumed else 0, len(produced)):
+            idle_segments = 0
+            items.append(produced[sub])
+            if len(items) == micro_batch_size:
+                yield worker, proc.collate(items), (seg, raw, sub + 1), counters.state_dict(), epoch
+                items = []
+    if items:
+        yield worker, proc.collate(items), None, counters.state_dict(), epoch
 
 
-class _WorkerStream(torch.utils.data.IterableDataset):
-    def __init__(self, source, proc, epoch: int, raw_start: int):
+class _WorkerSlots(torch.utils.data.IterableDataset):
+    """DataLoader worker ``p`` runs the slot of logical worker ``(p + first) % workers``: the
+    DataLoader's round-robin always starts at worker 0, and a resumed loader must start at ``first``."""
+
+    def __init__(self, source, proc, rank: int, workers: int, num_slots: int, cursors, counters, first: int,
+                 micro_batch_size: int, stop_epoch: Optional[int]):
         super().__init__()
-        self.source, self.proc, self.epoch, self.raw_start = source, proc, epoch, raw_start
+        self.source, self.proc = source, proc
+        self.rank, self.workers, self.num_slots = rank, workers, num_slots
+        self.cursors, self.counters, self.first = cursors, counters, first
+        self.micro_batch_size, self.stop_epoch = micro_batch_size, stop_epoch
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        w, n = (0, 1) if info is None else (info.id, info.num_workers)
-        return _positions(self.source, self.proc, self.epoch, self.raw_start, w, n)
+        w = ((0 if info is None else info.id) + self.first) % self.workers
+        return _slot_batches(self.source, self.proc, self.rank * self.workers + w, self.num_slots, w,
+                             self.cursors[w], self.counters[w], self.micro_batch_size, self.stop_epoch)
 
 
 def _identity(x):
@@ -262,56 +438,34 @@ def _worker_init(_):
     torch.set_num_threads(1)
 
 
-def _item_stream(source, proc, pos: tuple[int, int, int], num_workers: int, seed: int):
-    """Yields ``(epoch, raw, sub, item)`` from position ``pos`` = (epoch, raw, sub) on, forever."""
-    epoch, raw_start, sub_start = pos
-    if num_workers > 0:
-        dl = torch.utils.data.DataLoader(
-            _WorkerStream(source, proc, epoch, raw_start),
-            batch_size=None,
-            num_workers=num_workers,
-            collate_fn=_identity,
-            worker_init_fn=_worker_init,
-            # A private generator: creating the DataLoader must not consume the global RNG.
-            generator=torch.Generator().manual_seed(seed),
-            prefetch_factor=4,
-        )
-        outputs = iter(dl)
-    else:
-        outputs = _positions(source, proc, epoch, raw_start)
-    empty_epochs, last_epoch, had_items = 0, epoch, False
-    for e, r, items in outputs:
-        if e != last_epoch:
-            empty_epochs = 0 if had_items else empty_epochs + 1
-            if empty_epochs >= 2:
-                raise RuntimeError(f"rank {source.rank}: no usable samples in two whole epochs ({source.describe()})")
-            last_epoch, had_items = e, False
-        for s, item in enumerate(items):
-            if (e, r) == (epoch, raw_start) and s < sub_start:
-                continue  # consumed before the checkpoint
-            had_items = True
-            yield e, r, s, item
-
-
 # ============================================================================= loader
 class Loader:
-    """Infinite iterator of micro-batches (dict of CPU tensors) with exact resume.
+    """Iterator of micro-batches (dict of CPU tensors) with exact resume; infinite unless ``epochs``.
 
     ``state_dict()`` holds plain ints/strings only (safe for ``torch.load(weights_only=True)``).
-    ``epoch`` is the epoch of the last sample handed out (the start epoch before the first batch).
-    """
+    ``epoch``: the epoch of the last item handed out (the start epoch before the first batch)."""
 
     def __init__(self, source, proc: SampleProcessor, *, seed: int, rank: int, world_size: int,
-                 micro_batch_size: int, num_workers: int = 0):
+                 micro_batch_size: int, num_workers: int = 0, epochs: Optional[int] = None,
+                 max_bad_fraction: float = 1.0, bad_check_min_samples: int = 0):
         if micro_batch_size <= 0:
             raise ValueError("micro_batch_size must be positive")
         self.source, self.proc = source, proc
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.micro_batch_size = micro_batch_size
         self.num_workers = int(num_workers)
+        self.workers = max(1, self.num_workers)
+        self.num_slots = world_size * self.workers
+        if source.num_samples < self.num_slots:
+            raise ValueError(f"the data has {source.num_samples} samples per epoch ({source.describe()}), fewer than "
+                             f"the {self.num_slots} slots of world_size {world_size} x {self.workers} workers: "
+                             "some ranks or workers would get none; use fewer data.num_workers or more data")
+        self.epochs = epochs
+        self.max_bad_fraction, self.bad_check_min_samples = max_bad_fraction, bad_check_min_samples
         self.epoch = 0
-        self._pos = (0, 0, 0)  # (epoch, raw, sub) of the next item
-        self.samples_consumed = 0
+        self._cursors = [(0, 0, 0)] * self.workers
+        self._counters: list[dict] = [{}] * self.workers
+        self._next_worker = 0
         self._it = None
 
     # ------------------------------------------------------------------ iteration
@@ -320,53 +474,145 @@ class Loader:
 
     def __next__(self) -> dict[str, torch.Tensor]:
         if self._it is None:
-            # A free function, not a method: the generator must not reference the Loader, or
-            # Loader <-> generator would form a cycle, and DataLoader workers would then be shut
-            # down only by the cyclic GC (which waits on each worker's join timeout, ~5 s).
-            self._it = _item_stream(self.source, self.proc, self._pos, self.num_workers, self.seed)
-        items = []
-        for _ in range(self.micro_batch_size):
-            e, r, s, item = next(self._it)
-            items.append(item)
-            self._pos = (e, r, s + 1)
-            self.epoch = e
-        self.samples_consumed += len(items)
-        return self.proc.collate(items)
+            self._it = self._start()
+        worker, batch, cursor, counters, epoch = next(self._it)
+        assert worker == self._next_worker or self.epochs is not None, (worker, self._next_worker)
+        if cursor is not None:
+            self._cursors[worker] = cursor
+        self._counters[worker] = counters
+        self._next_worker = (worker + 1) % self.workers
+        self.epoch = epoch
+        return batch
+
+    def _start(self):
+        # Free functions and a dataset object, not methods: a generator referencing the Loader would
+        # form a cycle, and DataLoader workers would then be shut down only by the cyclic GC.
+        stop = self.epochs
+        if self.num_workers == 0:
+            return _slot_batches(self.source, self.proc, self.rank, self.num_slots, 0, self._cursors[0],
+                                 self._counters[0], self.micro_batch_size, stop)
+        dl = torch.utils.data.DataLoader(
+            _WorkerSlots(self.source, self.proc, self.rank, self.workers, self.num_slots, list(self._cursors),
+                         list(self._counters), self._next_worker, self.micro_batch_size, stop),
+            batch_size=None, num_workers=self.num_workers, collate_fn=_identity, worker_init_fn=_worker_init,
+            # A private generator: creating the DataLoader must not consume the global RNG.
+            generator=torch.Generator().manual_seed(self.seed), prefetch_factor=2, persistent_workers=False)
+        return iter(dl)
 
     def close(self) -> None:
-        """Stop the item stream (and its DataLoader workers, if any) now; iteration may resume."""
+        """Stop the stream (and its DataLoader workers, if any) now; iteration may resume."""
         if self._it is not None:
-            self._it.close()
+            if hasattr(self._it, "close"):
+                self._it.close()
+            elif hasattr(self._it, "_shutdown_workers"):
+                self._it._shutdown_workers()
             self._it = None
 
+    # ------------------------------------------------------------------ counters
+    def counters(self) -> DataCounters:
+        """This rank's counters, summed over its workers."""
+        return DataCounters.merge(DataCounters(c) for c in self._counters)
+
+    def stats(self) -> torch.Tensor:
+        """This rank's counts in :data:`scaling.data.quality.STAT_NAMES` order (float64, to be all-reduced)."""
+        totals = self.counters().totals()
+        return torch.tensor([float(totals[k]) for k in STAT_NAMES], dtype=torch.float64)
+
+    def check_bad_fraction(self, job_totals: dict[str, float]) -> None:
+        """Raises BadDataError when the job-wide counts (``stats()`` summed over ranks, by name) have
+        too many bad samples."""
+        check_bad_fraction(job_totals, self.counters().bad_by_shard, max_fraction=self.max_bad_fraction,
+                           min_samples=self.bad_check_min_samples, rank=self.rank)
+
     # ------------------------------------------------------------------ state
+    def _layout(self) -> dict:
+        return {"seed": int(self.seed), "world_size": int(self.world_size), "workers": int(self.workers),
+                "window": int(getattr(self.source, "window", 1)), "source": self.source.describe(),
+                "modality": self.proc.modality}
+
     def state_dict(self) -> dict:
-        e, r, s = self._pos
         return {
             "version": STATE_VERSION,
-            "epoch": int(e),
-            "raw": int(r),
-            "sub": int(s),
-            "samples_consumed": int(self.samples_consumed),
-            "seed": int(self.seed),
             "rank": int(self.rank),
-            "world_size": int(self.world_size),
-            "source": self.source.describe(),
-            "modality": self.proc.modality,
+            **self._layout(),
+            "epoch": int(self.epoch),
+            "cursors": [[int(v) for v in c] for c in self._cursors],
+            "counters": [dict(c) for c in self._counters],
+            "next_worker": int(self._next_worker),
+            "catchup": [list(map(int, iv)) for iv in getattr(self.source, "catchup", [])],
+            "after_catchup": int(getattr(self.source, "after_catchup", 0)),
         }
 
-    def load_state_dict(self, d: dict) -> None:
+    def _check(self, d: dict, keys: tuple[str, ...]) -> None:
         if d.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {d.get('version')} != {STATE_VERSION}")
-        for k, mine in (("seed", self.seed), ("rank", self.rank), ("world_size", self.world_size),
-                        ("source", self.source.describe()), ("modality", self.proc.modality)):
-            if d.get(k) != mine:
-                raise ValueError(f"loader state has {k}={d.get(k)!r} but this loader has {k}={mine!r}; "
-                                 "resuming with a different data layout is not supported")
-        self._pos = (int(d["epoch"]), int(d["raw"]), int(d["sub"]))
+        mine = {**self._layout(), "rank": self.rank}
+        for k in keys:
+            if d.get(k) != mine[k]:
+                raise ValueError(f"loader state has {k}={d.get(k)!r} but this loader has {k}={mine[k]!r}; "
+                                 "resuming on other data is not supported")
+
+    def load_state_dict(self, d: dict) -> None:
+        """Exact resume on the same layout (world size, workers, shuffle window)."""
+        self._check(d, ("seed", "source", "modality", "world_size", "workers", "window", "rank"))
+        self._cursors = [tuple(int(v) for v in c) for c in d["cursors"]]
+        self._counters = [dict(c) for c in d["counters"]]
+        self._next_worker = int(d["next_worker"])
         self.epoch = int(d["epoch"])
-        self.samples_consumed = int(d.get("samples_consumed", 0))
+        if isinstance(self.source, _ShardSource):
+            self.source.catchup = [tuple(iv) for iv in d["catchup"]]
+            self.source.after_catchup = int(d["after_catchup"])
         self.close()  # the stream is re-created from the new position at the next batch
+
+    def load_job_state(self, states: list[dict]) -> None:
+        """Resume from every rank's state of a checkpoint: exact on the same layout, else the
+        catch-up of the module docstring, with a warning."""
+        if not states:
+            raise ValueError("no loader state to resume from")
+        for d in states:
+            self._check(d, ("seed", "source", "modality"))
+        old = {k: states[0][k] for k in ("world_size", "workers", "window")}
+        if old == {k: self._layout()[k] for k in old}:
+            mine = [d for d in states if d.get("rank") == self.rank]
+            if len(mine) != 1:
+                raise ValueError(f"the checkpoint has no loader state of rank {self.rank}")
+            return self.load_state_dict(mine[0])
+        if not isinstance(self.source, _ShardSource):
+            raise ValueError(f"the synthetic source resumes only on its own layout {old}, not {self._layout()}")
+        ranks = sorted(int(d["rank"]) for d in states)
+        if ranks != list(range(old["world_size"])):
+            raise ValueError(f"a layout change needs the loader states of all {old['world_size']} old ranks, got ranks {ranks}")
+        old_source = self.source
+        num_old = old["world_size"] * old["workers"]
+        slots, reread, counters = [], 0, []
+        for d in states:
+            old_source.catchup = [tuple(iv) for iv in d["catchup"]]
+            old_source.after_catchup = int(d["after_catchup"])
+            for w, (seg, raw, _sub) in enumerate(d["cursors"]):
+                slot = int(d["rank"]) * old["workers"] + w
+                consumed = raw // old["window"] * old["window"]  # a partly handed-out window is read again
+                reread += raw - consumed
+                slots.append({"slot": slot, "num_slots": num_old, "consumed": consumed,
+                              "intervals": old_source.intervals(seg, slot, num_old),
+                              "next_epoch": old_source.next_segment(seg)})
+            counters += [DataCounters(c) for c in d["counters"]]
+        catchup, after = partition.leftover(slots, self.source.num_samples)
+        self.source.catchup, self.source.after_catchup = catchup, after
+        self._cursors = [(CATCHUP, 0, 0)] * self.workers
+        # The job's counts so far go to one slot, so sums over the new job stay right.
+        self._counters = [DataCounters.merge(counters).state_dict() if self.rank == 0 and w == 0 else {}
+                          for w in range(self.workers)]
+        self._next_worker = 0
+        self.epoch = min(iv[0] for iv in catchup) if catchup else after
+        self.close()
+        msg = (f"resuming the data stream on {self.world_size} ranks x {self.workers} workers from a checkpoint of "
+               f"{old['world_size']} x {old['workers']}: the {partition.total(catchup)} samples it had not read "
+               f"(epochs {self.epoch}..{after - 1}) are split over the new slots, then epoch {after} starts. "
+               f"Nothing is skipped; {reread} samples handed out before the checkpoint are read again "
+               f"(at most one shuffle window of {old['window']} per old slot).")
+        if self.rank == 0:
+            warnings.warn(msg)
+        log.warning(msg)
 
 
 def build_loader(
@@ -379,8 +625,9 @@ def build_loader(
     world_size: int,
     micro_batch_size: int,
     synthetic_epoch_size: Optional[int] = None,
+    epochs: Optional[int] = None,
 ) -> Loader:
-    """The training loader of one rank (see the module docstring).
+    """The loader of one rank (see the module docstring); infinite, or ``epochs`` whole epochs.
 
     Shards are checked against their indexes first (:func:`scaling.data.shards.check_shard_set`).
     ``synthetic_epoch_size`` (synthetic source only): global samples per synthetic epoch
@@ -391,15 +638,17 @@ def build_loader(
         raise ValueError("seed must be non-negative")
     proc = SampleProcessor(data_cfg, model_cfg, masking_cfg, seed)
     if data_cfg.train_shards.strip() == "synthetic":
-        source = _SyntheticSource(data_cfg, model_cfg, seed, rank, world_size,
-                                  synthetic_epoch_size or DEFAULT_SYNTHETIC_EPOCH_SIZE)
+        source = _SyntheticSource(data_cfg, model_cfg, seed, synthetic_epoch_size or DEFAULT_SYNTHETIC_EPOCH_SIZE)
     else:
         paths = expand_shards(data_cfg.train_shards)  # ValueError naming a missing shard
         # Before any training: shards vs their indexes (listed, sizes, modality) and, for text, the
         # tokenizer they were made with vs data.text.tokenizer (ValueError naming the files).
         tc = model_cfg.text
-        check_shard_set(paths, modality=model_cfg.modality, tokenizer=data_cfg.text.tokenizer or None,
-                        vocab_size=tc.vocab_size, pad_id=tc.pad_id, mask_id=tc.mask_id)
-        source = _ShardSource(paths, seed, rank, world_size, data_cfg.shuffle_buffer)
-    return Loader(source, proc, seed=seed, rank=rank, world_size=world_size,
-                  micro_batch_size=micro_batch_size, num_workers=data_cfg.num_workers)
+        counts = check_shard_set(paths, modality=model_cfg.modality, tokenizer=data_cfg.text.tokenizer or None,
+                                 vocab_size=tc.vocab_size, pad_id=tc.pad_id, mask_id=tc.mask_id)
+        # A shard without an index is counted from its tar headers (a partition needs every count).
+        counts = [len(_sample_offsets(p)) if n is None else n for p, n in zip(paths, counts)]
+        source = _ShardSource(paths, counts, seed, data_cfg.shuffle_buffer, data_cfg.max_sample_bytes)
+    return Loader(source, proc, seed=seed, rank=rank, world_size=world_size, micro_batch_size=micro_batch_size,
+                  num_workers=data_cfg.num_workers, epochs=epochs, max_bad_fraction=data_cfg.max_bad_fraction,
+                  bad_check_min_samples=data_cfg.bad_check_min_samples)

@@ -301,23 +301,26 @@ def read_index(path: str) -> dict:
 
 def check_shard_set(paths: list[str], *, modality: str, tokenizer: Optional[str] = None,
                     vocab_size: Optional[int] = None, pad_id: Optional[int] = None,
-                    mask_id: Optional[int] = None) -> list[str]:
+                    mask_id: Optional[int] = None) -> list[Optional[int]]:
     """Checks shards against their indexes before any training (cheap: JSON files and ``stat``).
 
     ValueError, naming the files, when a shard does not exist, is not listed in its index or
-    has another size than the index says, when an index's modality is not ``modality``, or
+    is bigger than the index says (rewritten after it), when an index's modality is not ``modality``, or
     (text) when the index's tokenizer is not ``tokenizer`` (sha256 of the file), has more ids
-    than ``vocab_size`` or other pad/mask ids. Shards without an index are accepted with one
-    warning. Returns the index paths that were checked.
+    than ``vocab_size`` or other pad/mask ids. A shard smaller than its index says is truncated:
+    a warning, and the loader reads it up to the cut (the rest counts as ``truncated_lost``).
+    Shards without an index are accepted with one warning. Returns each shard's sample count from its index (None for a shard without one).
     """
     indexes: dict[str, Optional[dict]] = {}
     unindexed: list[str] = []
+    counts: list[Optional[int]] = []
     for p in paths:
         if not os.path.isfile(p):
             raise ValueError(f"shard file not found: {p}")
         ip = index_path_of_shard(p)
         if ip is None or not os.path.isfile(ip):
             unindexed.append(p)
+            counts.append(None)
             continue
         if ip not in indexes:
             indexes[ip] = read_index(ip)
@@ -327,9 +330,14 @@ def check_shard_set(paths: list[str], *, modality: str, tokenizer: Optional[str]
             raise ValueError(f"shard {p} is not listed in its index {ip} (which lists {index.get('spec', '?')}): "
                              "a stale or foreign file; rebuild the shard set or leave it out of data.train_shards")
         size = os.path.getsize(p)
-        if entry.get("num_bytes") is not None and int(entry["num_bytes"]) != size:
-            raise ValueError(f"shard {p} has {size} bytes but its index {ip} says {entry['num_bytes']}: "
-                             "the shard was rewritten or truncated after the index was written")
+        indexed_size = entry.get("num_bytes")
+        if indexed_size is not None and size > int(indexed_size):
+            raise ValueError(f"shard {p} has {size} bytes but its index {ip} says {indexed_size}: "
+                             "the shard was rewritten after the index was written; rebuild the shard set")
+        if indexed_size is not None and size < int(indexed_size):
+            warnings.warn(f"shard {p} has {size} bytes but its index {ip} says {indexed_size}: it is truncated; "
+                          "its samples after the cut are skipped and counted as truncated_lost")
+        counts.append(int(entry["num_samples"]))
     if unindexed:
         warnings.warn(f"{len(unindexed)} of {len(paths)} shards have no index (e.g. {unindexed[0]}; expected "
                       f"{index_path_of_shard(unindexed[0]) or '<prefix>.index.json next to <prefix>-NNNNNN.tar'}), "
@@ -360,7 +368,7 @@ def check_shard_set(paths: list[str], *, modality: str, tokenizer: Optional[str]
             if want is not None and got is not None and got >= 0 and int(got) != want:
                 raise ValueError(f"the tokenizer of {ip} ({rec.get('file')}) has {name} {got}, "
                                  f"but model.text.{name} is {want}")
-    return list(indexes)
+    return counts
 
 
 def expand_shards(spec: str) -> list[str]:

@@ -50,6 +50,9 @@ class Engine(ABC):
     rank: int = 0
     world_size: int = 1
     device: torch.device
+    # Whether load() reads a checkpoint written by another number of ranks (full state files and
+    # DCP reshard; DeepSpeed's ZeRO partitions need its offline universal-checkpoint conversion).
+    loads_other_world_size: bool = True
 
     def __init__(self, engine_cfg: EngineConfig, train_cfg: TrainConfig):
         self.engine_cfg = engine_cfg

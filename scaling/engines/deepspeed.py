@@ -88,6 +88,8 @@ class _StudentCall(nn.Module):
 
 
 class DeepSpeedEngine(ProcessGroup, Engine):
+    loads_other_world_size = False
+
     def __init__(self, engine_cfg: EngineConfig, train_cfg: TrainConfig):
         super().__init__(engine_cfg, train_cfg)
         if engine_cfg.zero_stage not in (1, 2, 3):
