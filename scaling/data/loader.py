@@ -27,9 +27,10 @@ catch-up list after a layout change (``CATCHUP``). Resuming re-reads at most one
 (from a seek, not from the shard's start) and decodes nothing before the cursor. The state also
 holds the next worker of the round-robin and the slot's counters: on the same layout the next
 batches are exactly those of the uninterrupted run. On another world size or worker count,
-:meth:`Loader.load_job_state` gathers every old slot's unread positions (rewound to its window
-start) into a catch-up list, splits it over the new slots and then starts the next epoch: nothing
-is skipped and at most one window per old slot is read twice. It says so in a warning.
+:meth:`Loader.load_job_state` gathers every old slot's unread positions (its window's shuffled
+order tells which positions of the current window were handed out) into a catch-up list, splits it over the new slots and then starts the next epoch: nothing
+is skipped or read twice (a text document the old slot was inside of is read again whole). It
+says so in a warning.
 
 ``data.train_shards == "synthetic"``: an infinite synthetic source (sum of sinusoids for speech,
 rectangles on gradients for vision, a Markov chain for text), deterministic per
@@ -41,6 +42,7 @@ global batches (the engine tests compare sharded runs to one process with it).
 from __future__ import annotations
 
 import collections
+import copy
 import logging
 import os
 import re
@@ -229,6 +231,30 @@ class _ShardSource:
     def next_segment(self, seg: int) -> int:
         return self.after_catchup if seg == CATCHUP else seg + 1
 
+    def window_order(self, seg: int, slot: int, num_slots: int, w: int, size: int) -> np.ndarray:
+        """The shuffled order of window ``w`` (``size`` positions) of a slot's segment."""
+        return np.random.default_rng([self.seed, _TAG_WINDOW, seg + 1, slot, num_slots, w]).permutation(size)
+
+    def unread(self, seg: int, slot: int, num_slots: int, raw: int) -> list[partition.Interval]:
+        """The positions of a slot's segment not yet handed out at cursor position ``raw``: the
+        current window's positions after ``raw`` in shuffled order (the sample at ``raw`` included,
+        a partly handed-out document is read again) and every later window."""
+        ivs = self.intervals(seg, slot, num_slots)
+        n, B = partition.total(ivs), self.window
+        a = raw // B * B
+        b = min(n, a + B)
+        if a >= n:
+            return []
+        rest = sorted(a + int(j) for j in self.window_order(seg, slot, num_slots, a // B, b - a)[raw - a:])
+        out: list[partition.Interval] = []
+        for p in rest:  # runs of consecutive positions, as intervals
+            (epoch, start, stop), = partition.window(ivs, p, p + 1)
+            if out and out[-1][0] == epoch and out[-1][2] == start:
+                out[-1] = (epoch, out[-1][1], stop)
+            else:
+                out.append((epoch, start, stop))
+        return out + partition.after(ivs, b)
+
     def stream(self, slot: int, num_slots: int, seg: int, raw_start: int) -> Iterator[tuple[int, int, int, object]]:
         """``(segment, position, epoch, raw sample or _Lost)`` from the cursor on, forever."""
         if self._reader is None:
@@ -240,7 +266,7 @@ class _ShardSource:
             for w in range(raw_start // B, -(-n // B)):
                 a, b = w * B, min(n, (w + 1) * B)
                 entries = self._read(partition.window(ivs, a, b))
-                perm = np.random.default_rng([self.seed, _TAG_WINDOW, seg + 1, slot, num_slots, w]).permutation(b - a)
+                perm = self.window_order(seg, slot, num_slots, w, b - a)
                 for j in range(max(raw_start - a, 0), b - a):
                     epoch, entry = entries[perm[j]]
                     yield seg, a + j, epoch, entry
@@ -405,7 +431,9 @@ def _slot_batches(source, proc: SampleProcessor, slot: int, num_slots: int, work
             idle_segments = 0
             items.append(produced[sub])
             if len(items) == micro_batch_size:
-                yield worker, proc.collate(items), (seg, raw, sub + 1), counters.state_dict(), epoch
+                # The cursor names the next item: past a finished sample, the next position.
+                after = (seg, raw, sub + 1) if sub + 1 < len(produced) else (seg, raw + 1, 0)
+                yield worker, proc.collate(items), after, counters.state_dict(), epoch
                 items = []
     if items:
         yield worker, proc.collate(items), None, counters.state_dict(), epoch
@@ -582,18 +610,17 @@ class Loader:
         ranks = sorted(int(d["rank"]) for d in states)
         if ranks != list(range(old["world_size"])):
             raise ValueError(f"a layout change needs the loader states of all {old['world_size']} old ranks, got ranks {ranks}")
-        old_source = self.source
+        old_source = copy.copy(self.source)
+        old_source.window = old["window"]
         num_old = old["world_size"] * old["workers"]
-        slots, reread, counters = [], 0, []
+        slots, partial, counters = [], 0, []
         for d in states:
             old_source.catchup = [tuple(iv) for iv in d["catchup"]]
             old_source.after_catchup = int(d["after_catchup"])
-            for w, (seg, raw, _sub) in enumerate(d["cursors"]):
+            for w, (seg, raw, sub) in enumerate(d["cursors"]):
                 slot = int(d["rank"]) * old["workers"] + w
-                consumed = raw // old["window"] * old["window"]  # a partly handed-out window is read again
-                reread += raw - consumed
-                slots.append({"slot": slot, "num_slots": num_old, "consumed": consumed,
-                              "intervals": old_source.intervals(seg, slot, num_old),
+                partial += sub > 0
+                slots.append({"slot": slot, "num_slots": num_old, "unread": old_source.unread(seg, slot, num_old, raw),
                               "next_epoch": old_source.next_segment(seg)})
             counters += [DataCounters(c) for c in d["counters"]]
         catchup, after = partition.leftover(slots, self.source.num_samples)
@@ -608,8 +635,8 @@ class Loader:
         msg = (f"resuming the data stream on {self.world_size} ranks x {self.workers} workers from a checkpoint of "
                f"{old['world_size']} x {old['workers']}: the {partition.total(catchup)} samples it had not read "
                f"(epochs {self.epoch}..{after - 1}) are split over the new slots, then epoch {after} starts. "
-               f"Nothing is skipped; {reread} samples handed out before the checkpoint are read again "
-               f"(at most one shuffle window of {old['window']} per old slot).")
+               f"Nothing is skipped or read twice, except the rest of {partial} text documents the old slots "
+               "were inside of (read again from their first block).")
         if self.rank == 0:
             warnings.warn(msg)
         log.warning(msg)

@@ -75,15 +75,14 @@ def pieces(start: int, stop: int, order: np.ndarray, counts: list[int]) -> list[
 def leftover(old_slots: list[dict], num_samples: int) -> tuple[list[Interval], int]:
     """What an old layout had not yet read: ``(catch-up intervals, first epoch after them)``.
 
-    ``old_slots``: one dict per slot of the old layout: ``slot``, ``num_slots``, ``intervals`` (its
-    current segment), ``consumed`` (positions of that segment it is done with) and ``next_epoch``
-    (the epoch its next segment reads). Slots ahead of others are not rewound: the catch-up list
-    holds every slot's unread rest of its segment plus its whole share of each epoch up to the
-    furthest slot's, so nothing is read twice or skipped beyond what ``consumed`` leaves out."""
+    ``old_slots``: one dict per slot of the old layout: ``slot``, ``num_slots``, ``unread`` (the
+    intervals of its current segment it has not handed out) and ``next_epoch`` (the epoch its next
+    segment reads). Slots ahead of others are not rewound: the catch-up list holds every slot's
+    unread rest plus its whole share of each epoch up to the furthest slot's."""
     last = max(o["next_epoch"] for o in old_slots)
     catchup: list[Interval] = []
     for o in old_slots:
-        catchup += after(o["intervals"], o["consumed"])
+        catchup += o["unread"]
         for epoch in range(o["next_epoch"], last):
             catchup += split([(epoch, 0, num_samples)], o["num_slots"], o["slot"])
     return catchup, last
