@@ -25,9 +25,8 @@ output). ``--tap block`` (default) taps block outputs, so ``--layer depth-1`` eq
 ``--tap ffn`` taps the FFN output before the last residual (data2vec's training target).
 
 Data. Shards are read through :func:`scaling.data.build_loader` with the checkpoint's recipe,
-vision augmentation off (a plain resize when the size differs), no shuffle buffer, one rank, one
-epoch (the loader is infinite: items are pulled one at a time and the pass stops when
-``loader.epoch`` changes, so nothing is counted twice). Text documents longer than a block give
+vision augmentation off (a plain resize when the size differs), no shuffle buffer, one rank and
+one finite pass (``epochs=1``: every sample once, with any ``data.num_workers``). Text documents longer than a block give
 one sample per block, all with the document's label. Unlabelled samples (label -1) are skipped.
 
 Classifiers (torch only). Features are standardised with the train mean and std. Linear:
@@ -223,26 +222,6 @@ def _probe_recipe(recipe: Recipe, shards: str) -> Recipe:
     return r
 
 
-def _merge(batches: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Batches of one item each (from the loader) -> one batch, padded as the collate pads:
-    ``*padding*`` keys with True, token ids with the pad id, everything else with zeros."""
-    out: dict[str, torch.Tensor] = {}
-    for key in batches[0]:
-        ts = [b[key] for b in batches]
-        shape = [max(t.shape[d] for t in ts) for d in range(ts[0].dim())]
-        if all(list(t.shape) == shape for t in ts):
-            out[key] = torch.cat(ts)
-            continue
-        fill = True if "padding" in key else (pad_id if key in ("tokens_BT", "input_tokens_BT") else 0)
-        merged = ts[0].new_full([sum(t.shape[0] for t in ts)] + shape[1:], fill)
-        row = 0
-        for t in ts:
-            merged[(slice(row, row + t.shape[0]),) + tuple(slice(0, n) for n in t.shape[1:])] = t
-            row += t.shape[0]
-        out[key] = merged
-    return out
-
-
 @torch.no_grad()
 def _pooled(model: Data2Vec, batch: dict[str, torch.Tensor], block: Optional[int], tap: str) -> torch.Tensor:
     fo = model.frontend(batch)
@@ -277,36 +256,27 @@ def extract_features(model: Data2Vec, recipe: Recipe, shards: str, *, layer: int
     r = _probe_recipe(recipe, shards)
     dev = _pick_device(device)
     model = model.to(dev).eval()
-    loader = build_loader(r.data, r.model, r.masking, seed=r.seed, rank=0, world_size=1, micro_batch_size=1)
-    pad_id = r.model.text.pad_id
+    # One finite pass (epochs=1): every sample once, whatever data.num_workers says.
+    loader = build_loader(r.data, r.model, r.masking, seed=r.seed, rank=0, world_size=1,
+                          micro_batch_size=batch_size, epochs=1)
     feats: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
-    pending: list[dict[str, torch.Tensor]] = []
     count = 0
-
-    def flush():
-        if not pending:
-            return
-        batch = _merge(pending, pad_id)
-        labels.append(batch.pop("label_B"))
-        batch = {k: v.to(dev) for k, v in batch.items()}
-        feats.append(_pooled(model, batch, block, tap).cpu())
-        pending.clear()
-
     try:
-        start = loader.epoch
-        while max_samples is None or count < max_samples:
-            item = next(loader)  # one item: loader.epoch is exactly its epoch
-            if loader.epoch != start:
-                break  # the first item of the next epoch: one full pass is done
-            label = item.get("label_B")
-            if label is None or int(label[0]) < 0:
+        for batch in loader:
+            label = batch.get("label_B")
+            if label is None:
                 continue
-            pending.append(item)
-            count += 1
-            if len(pending) == batch_size:
-                flush()
-        flush()
+            keep = label >= 0  # unlabelled samples (no 'cls' member) in a partly labelled set
+            if max_samples is not None:
+                keep &= keep.cumsum(0) <= max_samples - count
+            if keep.any():
+                batch = {k: v[keep].to(dev) for k, v in batch.items()}
+                labels.append(batch.pop("label_B").cpu())
+                feats.append(_pooled(model, batch, block, tap).cpu())
+                count += int(keep.sum())
+            if max_samples is not None and count >= max_samples:
+                break
     finally:
         loader.close()
     if not feats:
