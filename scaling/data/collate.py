@@ -215,7 +215,9 @@ class SampleProcessor:
             # The augmentation draws from torch's global RNG: fork it and seed it per sample so
             # the result depends on this sample only (and the caller's RNG stream is untouched).
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(torch_seed)
+                # The CPU generator only: torch.manual_seed also seeds CUDA, whose lazy-init bookkeeping
+                # (a stack trace per call on CUDA builds) cost half of a small image's processing.
+                torch.default_generator.manual_seed(torch_seed)
                 image = self._geometric(image)
         pixels = self._to_float(image).contiguous()
         mask = vision_block_mask(rng, self._grid, self.masking_cfg.vision)
