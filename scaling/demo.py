@@ -23,7 +23,8 @@ DEFAULT_ENGINES = "speech=fsdp,vision=deepspeed,text=fsdp"
 
 def build_data(modality: str, out_dir: Path) -> tuple[list[str], dict]:
     """Build the modality's demo shards; returns the recipe overrides that point at them, and the
-    builder's description (``train_shards``, ``valid_shards``, ``num_classes`` when labelled)."""
+    builder's description (``train_shards``, ``valid_shards``, ``num_classes`` when labelled, and
+    ``probe_train_shards`` when the probe trains on other shards than pretraining)."""
     from scaling.data import demo_sets
 
     if modality == "vision":
@@ -39,14 +40,16 @@ def build_data(modality: str, out_dir: Path) -> tuple[list[str], dict]:
 
 
 def probe_pair(checkpoint: str, info: dict, uri: str) -> tuple[dict, dict] | None:
-    """Linear / k-NN probe of the pretrained student and of a random init, on the held-out split."""
+    """Linear / k-NN probe of the pretrained student and of a random init, on the held-out split;
+    the classifiers train on ``probe_train_shards`` when the builder has them, else on ``train_shards``."""
     if not info.get("num_classes") or not info.get("valid_shards"):
         return None
     from scaling.probe import probe
 
+    train = info.get("probe_train_shards", info["train_shards"])
     kwargs = dict(tracking_uri=uri, verbose=False)
-    trained = probe(checkpoint, info["train_shards"], info["valid_shards"], **kwargs)
-    random = probe(checkpoint, info["train_shards"], info["valid_shards"], random_init=True, **kwargs)
+    trained = probe(checkpoint, train, info["valid_shards"], **kwargs)
+    random = probe(checkpoint, train, info["valid_shards"], random_init=True, **kwargs)
     return trained, random
 
 
@@ -68,9 +71,10 @@ def summary(uri: str, run_id: str) -> dict[str, float]:
     client = MlflowClient(tracking_uri=uri)
     loss = sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)
     metrics = client.get_run(run_id).data.metrics
+    wait = [m.value for m in client.get_metric_history(run_id, "data_wait_share")]
     return {"first": loss[0].value, "first_step": loss[0].step, "last": loss[-1].value, "steps": loss[-1].step,
             "target_var": metrics["target_var"], "pred_var": metrics["pred_var"],
-            "samples_per_s": metrics["samples_per_s"]}
+            "samples_per_s": metrics["samples_per_s"], "data_wait": sum(wait) / len(wait)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides, info = build_data(modality, workdir / "data" / modality)
         t_data = time.perf_counter() - t0
         engine = engines.get(modality, "fsdp")
-        overrides += [f"engine.name={engine}", f"checkpoint.dir={workdir}/checkpoints/{modality}",
+        # One DataLoader worker per rank: decoding overlaps the step (the tiny recipes keep 0 for tests).
+        overrides += [f"engine.name={engine}", "data.num_workers=1", f"checkpoint.dir={workdir}/checkpoints/{modality}",
                       "checkpoint.resume=never", f"tracking.uri={uri}", f"tracking.experiment=scaling-demo-{modality}",
                       *args.overrides]
         out = launch(RECIPES / modality / "tiny.yaml", overrides, args.nproc)
@@ -103,11 +108,12 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((modality, engine, summary(uri, run_id), t_data, t_train, checkpoint, run_id))
 
     print(f"\n[demo] {args.nproc} ranks per run. modality  engine  steps  loss (first logged step -> last)  "
-          "target_var  pred_var  samples/s  data s  train s  checkpoint / MLflow run")
+          "target_var  pred_var  samples/s  data wait  data s  train s  checkpoint / MLflow run")
     for m, engine, s, td, tt, ckpt, run_id in rows:
         print(f"[demo] {m:8s}  {engine:9s}  {s['steps']:5d}  {s['first']:.4f} (step {s['first_step']}) -> "
               f"{s['last']:.4f}  "
-              f"{s['target_var']:10.3f}  {s['pred_var']:8.3f}  {s['samples_per_s']:9.1f}  {td:6.1f}  {tt:7.1f}  "
+              f"{s['target_var']:10.3f}  {s['pred_var']:8.3f}  {s['samples_per_s']:9.1f}  {s['data_wait']:9.1%}  "
+              f"{td:6.1f}  {tt:7.1f}  "
               f"{ckpt}  run {run_id}")
     print("\n[demo] probe on the held-out split (frozen student, mean-pooled final layer): pretrained vs random init")
     for m, result in probes.items():

@@ -26,8 +26,10 @@ output). ``--tap block`` (default) taps block outputs, so ``--layer depth-1`` eq
 
 Data. Shards are read through :func:`scaling.data.build_loader` with the checkpoint's recipe,
 vision augmentation off (a plain resize when the size differs), no shuffle buffer, one rank and
-one finite pass (``epochs=1``: every sample once, with any ``data.num_workers``). Text documents longer than a block give
-one sample per block, all with the document's label. Unlabelled samples (label -1) are skipped.
+one finite pass (``epochs=1``: every sample once, with any ``data.num_workers``). A text document
+longer than a block is read as several blocks; its feature is the mean over all of its tokens
+(every block's), so each labelled document is one sample, as each clip or image is. Unlabelled
+samples (label -1) are skipped.
 
 Classifiers (torch only). Features are standardised with the train mean and std. Linear:
 multinomial logistic regression, zero-initialised weights, L2 penalty ``l2 * |W|^2``, full-batch
@@ -223,7 +225,9 @@ def _probe_recipe(recipe: Recipe, shards: str) -> Recipe:
 
 
 @torch.no_grad()
-def _pooled(model: Data2Vec, batch: dict[str, torch.Tensor], block: Optional[int], tap: str) -> torch.Tensor:
+def _pooled_sums(model: Data2Vec, batch: dict[str, torch.Tensor], block: Optional[int],
+                 tap: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the chosen layer summed over the non-padded positions ``[B, D]``, and their count ``[B]``."""
     fo = model.frontend(batch)
     depth = len(model.encoder.blocks)
     num_taps = 0 if block is None else depth - block
@@ -231,9 +235,9 @@ def _pooled(model: Data2Vec, batch: dict[str, torch.Tensor], block: Optional[int
     h = eo.x_BTD if block is None else eo.taps[0]
     h = h.float()
     if fo.padding_mask_BT is None:
-        return h.mean(1)
-    keep = (~fo.padding_mask_BT).to(h.dtype)[..., None]
-    return (h * keep).sum(1) / keep.sum(1).clamp_min(1.0)
+        return h.sum(1), h.new_full(h.shape[:1], h.shape[1])
+    keep = (~fo.padding_mask_BT).to(h.dtype)
+    return (h * keep[..., None]).sum(1), keep.sum(1)
 
 
 def _pick_device(device: str | torch.device | None) -> torch.device:
@@ -259,29 +263,42 @@ def extract_features(model: Data2Vec, recipe: Recipe, shards: str, *, layer: int
     # One finite pass (epochs=1): every sample once, whatever data.num_workers says.
     loader = build_loader(r.data, r.model, r.masking, seed=r.seed, rank=0, world_size=1,
                           micro_batch_size=batch_size, epochs=1)
-    feats: list[torch.Tensor] = []
-    labels: list[torch.Tensor] = []
-    count = 0
+    # Text blocks of one document share its id in sample_id >> 16 (SampleProcessor.text_items); the
+    # label is part of the key so that an id collision never mixes classes.
+    shift = 16 if r.model.modality == "text" else 0
+    documents: dict[tuple[int, int], int] = {}  # (source sample, label) -> row of the result
+    rows, sums, counts = [], [], []
     try:
         for batch in loader:
             label = batch.get("label_B")
             if label is None:
                 continue
             keep = label >= 0  # unlabelled samples (no 'cls' member) in a partly labelled set
-            if max_samples is not None:
-                keep &= keep.cumsum(0) <= max_samples - count
+            doc_rows = []
+            for i, (sid, y) in enumerate(zip((batch["sample_id_B"] >> shift).tolist(), label.tolist())):
+                if keep[i] and (sid, y) not in documents:
+                    if max_samples is not None and len(documents) == max_samples:
+                        keep[i] = False
+                        continue
+                    documents[(sid, y)] = len(documents)
+                if keep[i]:
+                    doc_rows.append(documents[(sid, y)])
+            if not keep.any() and max_samples is not None and len(documents) >= max_samples:
+                break  # the cap is reached (a document's later blocks may be dropped: --max-samples is for quick looks)
             if keep.any():
-                batch = {k: v[keep].to(dev) for k, v in batch.items()}
-                labels.append(batch.pop("label_B").cpu())
-                feats.append(_pooled(model, batch, block, tap).cpu())
-                count += int(keep.sum())
-            if max_samples is not None and count >= max_samples:
-                break
+                total, count = _pooled_sums(model, {k: v[keep].to(dev) for k, v in batch.items()}, block, tap)
+                rows.append(torch.tensor(doc_rows, dtype=torch.int64))
+                sums.append(total.cpu())
+                counts.append(count.cpu())
     finally:
         loader.close()
-    if not feats:
+    if not documents:
         raise ValueError(f"{shards}: no labelled samples (a sample's label is its 'cls' member)")
-    return torch.cat(feats), torch.cat(labels)
+    row = torch.cat(rows)
+    total = torch.zeros(len(documents), sums[0].shape[1]).index_add_(0, row, torch.cat(sums))
+    count = torch.zeros(len(documents)).index_add_(0, row, torch.cat(counts))
+    labels = torch.tensor([y for _, y in documents], dtype=torch.int64)
+    return total / count.clamp_min(1.0)[:, None], labels
 
 
 # ============================================================================= classifiers

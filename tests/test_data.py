@@ -382,9 +382,11 @@ def test_synthetic_shapes_and_determinism():
 
 # ----------------------------------------------------------------------------- demo builder (fast one only)
 def test_text_demo_builder_tiny(tmp_path):
-    from scaling.data.demo_sets import build_text_demo
+    import webdataset as wds
 
-    out = build_text_demo(str(tmp_path), vocab_size=120, max_chars=60_000, valid_every=10)
+    from scaling.data.demo_sets import TEXT_GROUPS, build_text_demo, stdlib_docstring_files
+
+    out = build_text_demo(str(tmp_path), vocab_size=120, max_chars=60_000)
     assert os.path.isfile(out["tokenizer"])
     d, m, k = make_cfgs("text", out["train_shards"])
     m.text.vocab_size = out["vocab_size"]
@@ -395,3 +397,21 @@ def test_text_demo_builder_tiny(tmp_path):
 
     sp = spm.SentencePieceProcessor(model_file=out["tokenizer"])
     assert [sp.piece_to_id(p) for p in ("<s>", "<pad>", "</s>", "<unk>", "<mask>")] == [0, 1, 2, 3, 4]
+
+    # The labelled probe splits: every group in both, split by whole source files, and no held-out
+    # docstring among the pretraining or probe-train samples.
+    def samples(spec):
+        return [(s["ids"], int(s["cls"]) if "cls" in s else None)
+                for s in wds.WebDataset(expand_shards(spec), shardshuffle=False)]
+
+    train, probe_train, valid = (samples(out[key]) for key in ("train_shards", "probe_train_shards", "valid_shards"))
+    assert out["num_classes"] == len(TEXT_GROUPS) and out["labels"] == [name for name, _ in TEXT_GROUPS]
+    assert len(probe_train) == out["num_probe_train"] and len(valid) == out["num_valid"]
+    assert {y for _, y in train} == {None}
+    assert {y for _, y in probe_train} == {y for _, y in valid} == set(range(len(TEXT_GROUPS)))
+    assert not {ids for ids, _ in valid} & {ids for ids, _ in train + probe_train}
+    packages = sorted(p for _, group in TEXT_GROUPS for p in group)
+    held = set(out["valid_files"])
+    files = {path: len(docs) for path, docs in stdlib_docstring_files(packages)}
+    assert held < set(files) and sum(files[p] for p in held) == len(valid)
+    assert sum(n for p, n in files.items() if p not in held) == len(probe_train)

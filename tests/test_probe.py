@@ -237,16 +237,32 @@ def _documents(n: int):
         yield encode_text_sample(f"d{i}", rng.integers(10, 1000, int(rng.integers(5, 300))), label=i % 3)
 
 
-@pytest.mark.parametrize("modality, samples, items", [("speech", _speech_clips, 12), ("text", _documents, 44)])
-def test_padded_batches_give_the_unbatched_features(tmp_path, modality, samples, items):
+@pytest.mark.parametrize("modality, samples, count", [("speech", _speech_clips, 12), ("text", _documents, 20)])
+def test_padded_batches_give_the_unbatched_features(tmp_path, modality, samples, count):
     from scaling.probe import random_student
 
-    shards = write_shards(str(tmp_path), samples(12 if modality == "speech" else 20), prefix=modality)
+    shards = write_shards(str(tmp_path), samples(count), prefix=modality)
     recipe = load_recipe(REPO / "recipes" / modality / "tiny.yaml")
     model = random_student(recipe)
     for layer in (-1, 1):
         batched, y = extract_features(model, recipe, shards, layer=layer, batch_size=8)
         one, y1 = extract_features(model, recipe, shards, layer=layer, batch_size=1)
-        # one epoch exactly; text: the 20 documents (5-299 tokens) make 44 blocks of <= 126 tokens
-        assert batched.shape == (items, 64) and torch.equal(y, y1)
+        # one epoch exactly, one row per sample: the 20 documents (5-299 tokens) are 44 blocks of <= 126 tokens
+        assert batched.shape == (count, 64) and torch.equal(y, y1)
         torch.testing.assert_close(batched, one, rtol=0, atol=1e-5)
+
+
+def test_a_long_document_is_one_sample_pooled_over_all_its_tokens(tmp_path):
+    from scaling.data import encode_text_sample
+    from scaling.probe import random_student
+
+    recipe = load_recipe(REPO / "recipes" / "text" / "tiny.yaml")
+    model = random_student(recipe)
+    ids = np.random.default_rng(0).integers(10, 1000, 200)  # blocks [BOS + 126 + EOS] and [BOS + 74 + EOS]
+    whole = write_shards(str(tmp_path), [encode_text_sample("doc", ids, label=2)], prefix="whole")
+    parts = write_shards(str(tmp_path), [encode_text_sample("a", ids[:126], label=0),
+                                         encode_text_sample("b", ids[126:], label=1)], prefix="parts")
+    x, y = extract_features(model, recipe, whole)
+    xp, yp = extract_features(model, recipe, parts)
+    assert x.shape == (1, 64) and y.tolist() == [2] and yp.tolist() == [0, 1]
+    torch.testing.assert_close(x[0], (128 * xp[0] + 76 * xp[1]) / 204, rtol=0, atol=1e-5)

@@ -341,11 +341,13 @@ def test_shard_size_limit_and_write_shard_set(tmp_path, capsys):
 def test_text_demo_writes_index(tmp_path):
     from scaling.data.demo_sets import build_text_demo
 
-    out = build_text_demo(str(tmp_path), vocab_size=120, max_chars=30_000, valid_every=10)
-    for prefix, n in (("train", out["num_train"]), ("valid", out["num_valid"])):
-        spec = out[f"{prefix}_shards"]
-        index = check_index(str(tmp_path), spec, "text", prefix)
-        assert index["tokenizer"]["sha256"] == file_sha256(out["tokenizer"]) and index["num_samples"] <= n
+    out = build_text_demo(str(tmp_path), vocab_size=120, max_chars=30_000)
+    for prefix, key, n in (("train", "train_shards", out["num_train"]),
+                           ("probetrain", "probe_train_shards", out["num_probe_train"]),
+                           ("valid", "valid_shards", out["num_valid"])):
+        index = check_index(str(tmp_path), out[key], "text", prefix)
+        assert index["tokenizer"]["sha256"] == file_sha256(out["tokenizer"]) and index["num_samples"] == n
+        assert index.get("labels") == (None if prefix == "train" else out["labels"])
     d, m, k = make_cfgs("text", out["train_shards"])
     d.text.tokenizer, m.text.vocab_size = out["tokenizer"], out["vocab_size"]
     with warnings.catch_warnings():

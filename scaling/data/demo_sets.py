@@ -11,6 +11,8 @@ seconds on 2 cores.
   The held-out split uses accents and voice variants that the train split never uses.
 * :func:`build_text_demo`: the docstrings of Python's own standard library, tokenised with a
   sentencepiece model trained here (fairseq special ids: <s>=0, <pad>=1, </s>=2, <unk>=3, <mask>=4).
+  The labelled probe splits (``probetrain``, ``valid``) are the docstrings of a few large stdlib
+  packages labelled by package, split by source file; ``valid`` is not part of the pretraining set.
 """
 
 from __future__ import annotations
@@ -20,14 +22,14 @@ import ctypes
 import os
 import re
 import sysconfig
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 
 from scaling.data.build import train_tokenizer
 from scaling.data.shards import encode_speech_sample, encode_text_sample, encode_vision_sample, write_shards
 
-__all__ = ["build_vision_demo", "build_speech_demo", "build_text_demo", "DIGIT_WORDS"]
+__all__ = ["build_vision_demo", "build_speech_demo", "build_text_demo", "DIGIT_WORDS", "TEXT_GROUPS"]
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -216,69 +218,158 @@ def build_speech_demo(out_dir: str, num_clips: int = 600, *, seed: int = 0, samp
 # ============================================================================= text
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "lib2to3", "config-3"}
 
+# The text probe's classes: groups of top-level stdlib packages, each large (150-330 docstrings),
+# spread over several files (the split is by file) and part of every CPython install (Debian ships
+# tkinter, idlelib and distutils in separate packages, and 3.12 dropped distutils). The label of a
+# docstring is its group's position in this list.
+TEXT_GROUPS: list[tuple[str, tuple[str, ...]]] = [
+    ("asyncio", ("asyncio",)),
+    ("email", ("email",)),
+    ("importlib", ("importlib",)),
+    ("logging", ("logging",)),
+    ("xml", ("xml",)),
+    ("unittest", ("unittest",)),
+    ("processes", ("multiprocessing", "concurrent")),
+    ("web", ("http", "urllib", "wsgiref", "xmlrpc")),
+]
+
+
+def stdlib_docstring_files(packages: Optional[list[str]] = None, min_chars: int = 40) -> Iterator[tuple[str, list[str]]]:
+    """``(path relative to the stdlib, docstrings)`` per .py file in a fixed (sorted) order, whitespace
+    collapsed, exact duplicates of an earlier docstring of the walk dropped (files left without any
+    are skipped). ``packages``: walk only these top-level package directories (None: the whole stdlib)."""
+    root = sysconfig.get_paths()["stdlib"]
+    seen: set[str] = set()
+    tops = [root] if packages is None else [os.path.join(root, p) for p in sorted(packages)]
+    for top in tops:
+        for dirpath, dirnames, filenames in os.walk(top):
+            dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("config-"))
+            for fn in sorted(filenames):
+                if not fn.endswith(".py"):
+                    continue
+                path = os.path.join(dirpath, fn)
+                try:
+                    with open(path, encoding="utf-8") as f:
+                        tree = ast.parse(f.read())
+                except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+                    continue
+                docs = []
+                for node in ast.walk(tree):
+                    if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                        continue
+                    doc = ast.get_docstring(node, clean=True)
+                    if not doc:
+                        continue
+                    doc = " ".join(doc.split())
+                    if len(doc) < min_chars or doc in seen:
+                        continue
+                    seen.add(doc)
+                    docs.append(doc)
+                if docs:
+                    yield os.path.relpath(path, root), docs
+
 
 def stdlib_docstrings(max_chars: int = 3_000_000, min_chars: int = 40) -> list[str]:
-    """Docstrings of the standard library's .py files in a fixed (sorted) order, whitespace
-    collapsed, exact duplicates dropped, until ``max_chars`` characters are collected."""
-    root = sysconfig.get_paths()["stdlib"]
+    """Docstrings of the standard library's .py files (:func:`stdlib_docstring_files` order) until
+    ``max_chars`` characters are collected."""
     docs: list[str] = []
-    seen: set[str] = set()
     total = 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("config-"))
-        for fn in sorted(filenames):
-            if not fn.endswith(".py"):
-                continue
-            try:
-                with open(os.path.join(dirpath, fn), encoding="utf-8") as f:
-                    tree = ast.parse(f.read())
-            except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
-                continue
-            for node in ast.walk(tree):
-                if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                    continue
-                doc = ast.get_docstring(node, clean=True)
-                if not doc:
-                    continue
-                doc = " ".join(doc.split())
-                if len(doc) < min_chars or doc in seen:
-                    continue
-                seen.add(doc)
-                docs.append(doc)
-                total += len(doc)
-                if total >= max_chars:
-                    return docs
+    for _, file_docs in stdlib_docstring_files(min_chars=min_chars):
+        for doc in file_docs:
+            docs.append(doc)
+            total += len(doc)
+            if total >= max_chars:
+                return docs
     return docs
 
 
+def _held_out_files(files: list[tuple[str, list[str]]], fraction: float, seed: int) -> set[str]:
+    """Files of one group for the held-out split: in a seeded order, a file is taken while the
+    held-out docstrings stay within ``fraction`` of the group's (at least one file, at least one
+    left for train: ``files`` needs two or more), so each class is held out in roughly the same
+    proportion."""
+    budget = fraction * sum(len(docs) for _, docs in files)
+    held: set[str] = set()
+    count = 0
+    for i in np.random.default_rng(seed).permutation(len(files)):
+        path, docs = files[i]
+        if count + len(docs) <= budget:
+            held.add(path)
+            count += len(docs)
+    if not held:  # every file alone is over the budget: the smallest one
+        held.add(min(files, key=lambda f: len(f[1]))[0])
+    return held
+
+
 def build_text_demo(out_dir: str, vocab_size: int = 1000, *, max_chars: int = 3_000_000,
-                    samples_per_shard: int = 2000, valid_every: int = 20) -> dict:
+                    samples_per_shard: int = 2000, valid_fraction: float = 0.3, seed: int = 0) -> dict:
     """Stdlib docstrings -> sentencepiece (unigram) tokenizer ``out_dir/tokenizer.model`` and
-    token-id shards; every ``valid_every``-th docstring is held out."""
+    token-id shards.
+
+    The docstrings of :data:`TEXT_GROUPS` are labelled by group and split by source FILE: about
+    ``valid_fraction`` of each group's docstrings, whole files, make the held-out split
+    (``valid``), the rest the probe's train split (``probetrain``). The pretraining set (``train``,
+    unlabelled, at most ``max_chars`` characters) is every other docstring of the stdlib: it never
+    holds a held-out file or a copy of a held-out docstring, and the tokenizer is trained on it.
+    """
     import sentencepiece as spm
 
+    if not 0.0 < valid_fraction < 1.0:
+        raise ValueError(f"valid_fraction must be in (0, 1), got {valid_fraction}")
     os.makedirs(out_dir, exist_ok=True)
-    docs = stdlib_docstrings(max_chars=max_chars)
-    if len(docs) < 10:
-        raise RuntimeError(f"found only {len(docs)} docstrings in {sysconfig.get_paths()['stdlib']}")
+    # One walk over all the groups' packages: a docstring found in two groups is kept once (the first).
+    label_of = {package: label for label, (_, packages) in enumerate(TEXT_GROUPS) for package in packages}
+    group_files: list[list[tuple[str, list[str]]]] = [[] for _ in TEXT_GROUPS]
+    for path, docs in stdlib_docstring_files(sorted(label_of)):
+        group_files[label_of[path.split(os.sep)[0]]].append((path, docs))
+    probe_train: list[tuple[str, int]] = []  # (docstring, label)
+    valid: list[tuple[str, int]] = []
+    held_out_files: set[str] = set()
+    for label, ((name, packages), files) in enumerate(zip(TEXT_GROUPS, group_files)):
+        if len(files) < 2:
+            raise RuntimeError(f"text probe group {name!r} ({', '.join(packages)}) has {len(files)} file(s) with "
+                               f"docstrings in {sysconfig.get_paths()['stdlib']}; the split by file needs 2")
+        held = _held_out_files(files, valid_fraction, seed + label)
+        held_out_files |= held
+        for path, docs in files:
+            (valid if path in held else probe_train).extend((doc, label) for doc in docs)
+    held_out_docs = {doc for doc, _ in valid}
+
+    corpus: list[str] = []
+    total = 0
+    for path, docs in stdlib_docstring_files():
+        if total >= max_chars:
+            break
+        if path not in held_out_files:
+            for doc in docs:
+                if doc not in held_out_docs and total < max_chars:
+                    corpus.append(doc)
+                    total += len(doc)
+    if len(corpus) < 10:
+        raise RuntimeError(f"found only {len(corpus)} docstrings in {sysconfig.get_paths()['stdlib']}")
     prefix = os.path.join(out_dir, "tokenizer")
-    sp = spm.SentencePieceProcessor(model_file=train_tokenizer(iter(docs), prefix, vocab_size))  # checks the special ids
-    encoded = sp.encode(docs)
+    tokenizer = train_tokenizer(iter(corpus), prefix, vocab_size)  # checks the special ids
+    sp = spm.SentencePieceProcessor(model_file=tokenizer)
+    corpus_ids = sp.encode(corpus)
+    names = [name for name, _ in TEXT_GROUPS]
 
-    def samples(split: int):
-        for i, ids in enumerate(encoded):
-            if (i % valid_every == valid_every - 1) == bool(split) and len(ids) > 0:
-                yield encode_text_sample(f"doc{i:07d}", np.asarray(ids, dtype=np.int32))
+    def write(split: str, ids: list[list[int]], labels: Optional[list[int]] = None) -> str:
+        samples = (encode_text_sample(f"{split}{i:07d}", np.asarray(x, dtype=np.int32),
+                                      label=None if labels is None else labels[i]) for i, x in enumerate(ids))
+        return write_shards(out_dir, samples, prefix=split, samples_per_shard=samples_per_shard, tokenizer=tokenizer,
+                            extra=None if labels is None else {"labels": names})
 
-    n_valid = sum(1 for i in range(len(encoded)) if i % valid_every == valid_every - 1)
     return {
-        "train_shards": write_shards(out_dir, samples(0), prefix="train", samples_per_shard=samples_per_shard,
-                                     tokenizer=prefix + ".model"),
-        "valid_shards": write_shards(out_dir, samples(1), prefix="valid", samples_per_shard=samples_per_shard,
-                                     tokenizer=prefix + ".model"),
-        "tokenizer": prefix + ".model",
+        "train_shards": write("train", corpus_ids),
+        "probe_train_shards": write("probetrain", sp.encode([d for d, _ in probe_train]), [y for _, y in probe_train]),
+        "valid_shards": write("valid", sp.encode([d for d, _ in valid]), [y for _, y in valid]),
+        "tokenizer": tokenizer,
         "vocab_size": int(sp.get_piece_size()),
-        "num_train": len(encoded) - n_valid,
-        "num_valid": n_valid,
-        "num_tokens": int(sum(len(x) for x in encoded)),
+        "num_train": len(corpus),
+        "num_probe_train": len(probe_train),
+        "num_valid": len(valid),
+        "valid_files": sorted(held_out_files),
+        "num_tokens": int(sum(len(x) for x in corpus_ids)),
+        "labels": names,
+        "num_classes": len(names),
     }
