@@ -128,6 +128,12 @@ class Checkpointer:
         state["same_world"] = old_world == world
         return state
 
+    def data_states(self, path: Path) -> list[dict]:
+        """Every rank's loader state (a loader resuming with another worker count needs them all)."""
+        meta = json.loads((path / "meta.json").read_text())
+        return [torch.load(path / f"train_state_rank{r}.pt", weights_only=True)["data"]
+                for r in range(int(meta["world_size"]))]
+
     def _prune(self) -> None:
         if self.cfg.keep_last <= 0:
             return

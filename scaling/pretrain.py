@@ -72,7 +72,10 @@ def run(recipe: Recipe, *, stop_at_step: int | None = None, gather_state: bool =
     resume_from = checkpointer.resume_path()
     if resume_from is not None:
         state = checkpointer.load(resume_from)
-        loader.load_job_state(state["data_states"])  # exact, or a catch-up on another world size
+        data_states = state["data_states"]
+        if not loader.same_layout(data_states[0]):  # another worker count: the catch-up needs every rank's state
+            data_states = checkpointer.data_states(resume_from)
+        loader.load_job_state(data_states)  # exact, or a catch-up on another layout
         start_step, run_id = state["step"], state.get("mlflow_run_id")
         if not state["same_world"]:
             torch.manual_seed(recipe.seed + 1000 * (engine.rank + 1) + 7919 * start_step)

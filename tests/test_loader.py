@@ -204,6 +204,10 @@ def test_training_resumes_on_fewer_ranks(tmp_path, before, after):
     else:
         assert spawn(_steps, spec, ckpt, after, None, world_size=1) == [12]
     data = torch.load(tmp_path / "ckpt" / "step_00000012" / "train_state_rank0.pt", weights_only=True)["data"]
+    if after == "single":  # and on to 2 DataLoader workers, on the same world size
+        with pytest.warns(UserWarning, match="on 1 ranks x 2 workers from a checkpoint of 1 x 1"):
+            overrides = _vision_overrides(spec, ckpt, after) + ["train.max_steps=14", "data.num_workers=2"]
+            assert run_single("vision", overrides)["step"] == 14
     # 6 steps x 4 samples were read by 2 ranks before; 35 per epoch: the catch-up ends in epoch 1
     assert data["world_size"] == 1 and data["after_catchup"] == 1
     assert DataCounters.merge(DataCounters(c) for c in data["counters"]).totals()["good"] == 12 * 4

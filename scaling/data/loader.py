@@ -157,7 +157,7 @@ class _TarReader:
     def read(self, path: str, lo: int, hi: int) -> tuple[list[dict], Optional[int]]:
         """Samples ``lo..hi-1`` of the shard, and the position where the shard turned out to end
         early if that is inside ``[lo, hi)`` (None otherwise). Fewer samples than asked for means
-        the shard is truncated (its byte size matched the index, so it was truncated in place)."""
+        the tar ends before its index's count: truncated (smaller than indexed) or damaged."""
         known_end = self._truncated_at.get(path)
         if known_end is not None and lo >= known_end:
             return [], None  # reported where the shard ends, in the run that holds that position
@@ -170,7 +170,7 @@ class _TarReader:
                 offsets = self._offsets_of(path)
                 if lo >= len(offsets):
                     f.close()
-                    return self._truncated(path, lo, lo, hi, "before")
+                    return [], self._truncated(path, lo, hi, "its readable samples end before this one")
                 f.seek(offsets[lo])
             samples = _grouped(path, f)
         out: list[dict] = []
@@ -185,14 +185,14 @@ class _TarReader:
         if len(out) < hi - lo:
             f.close()
             self._open = None
-            return out, self._truncated(path, lo + len(out), lo, hi, repr(error) if error else "end of archive")[1]
+            return out, self._truncated(path, lo + len(out), hi, repr(error) if error else "end of archive")
         self._open = (path, hi, samples, f)
         return out, None
 
-    def _truncated(self, path: str, at: int, lo: int, hi: int, why: str) -> tuple[list, int]:
+    def _truncated(self, path: str, at: int, hi: int, why: str) -> int:
         self._truncated_at[path] = min(at, self._truncated_at.get(path, at))
         log.warning("shard %s ends after %d samples (%s); skipping its samples %d..%d", path, at, why, at, hi - 1)
-        return [], at
+        return at
 
 
 class _Lost:
@@ -580,6 +580,10 @@ class Loader:
                 raise ValueError(f"loader state has {k}={d.get(k)!r} but this loader has {k}={mine[k]!r}; "
                                  "resuming on other data is not supported")
 
+    def same_layout(self, d: dict) -> bool:
+        """Whether a saved state has this loader's world size, worker count and shuffle window."""
+        return all(d.get(k) == v for k, v in self._layout().items() if k in ("world_size", "workers", "window"))
+
     def load_state_dict(self, d: dict) -> None:
         """Exact resume on the same layout (world size, workers, shuffle window)."""
         self._check(d, ("seed", "source", "modality", "world_size", "workers", "window", "rank"))
@@ -600,7 +604,7 @@ class Loader:
         for d in states:
             self._check(d, ("seed", "source", "modality"))
         old = {k: states[0][k] for k in ("world_size", "workers", "window")}
-        if old == {k: self._layout()[k] for k in old}:
+        if self.same_layout(states[0]):
             mine = [d for d in states if d.get("rank") == self.rank]
             if len(mine) != 1:
                 raise ValueError(f"the checkpoint has no loader state of rank {self.rank}")
