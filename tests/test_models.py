@@ -468,3 +468,23 @@ def test_bf16_autocast_smoke(modality):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(make_batch(modality))
     assert torch.isfinite(out.pred_ND.float()).all()
+
+
+@pytest.mark.parametrize("modality", ["speech", "vision", "text"])
+def test_outputs_expose_their_tensors_to_pytree(modality):
+    # FSDP2 hooks the re-gather of a module's parameters for backward on the tensors that
+    # tree_flatten finds in the module's output; an opaque output made the resharded root run
+    # backward on freed storage (torch 2.11, CUDA). Every tensor of every output must be found.
+    import torch.utils._pytree as pytree
+
+    torch.manual_seed(0)
+    model = build_model(cfg_for(modality))
+    batch = make_batch(modality)
+    out = model(batch)
+    enc = model.encoder(out.teacher_x, padding_mask_BT=out.padding_mask_BT, num_taps=2)
+    for output in (out, model.frontend(batch), enc):
+        leaves = [x for x in pytree.tree_leaves(output) if isinstance(x, torch.Tensor)]
+        fields = [v for v in vars(output).values() if isinstance(v, torch.Tensor)]
+        fields += [t for v in vars(output).values() if isinstance(v, list) for t in v]
+        assert fields and {id(t) for t in fields} <= {id(t) for t in leaves}
+    assert any(t is out.pred_ND for t in pytree.tree_leaves(out))

@@ -306,8 +306,7 @@ class _ShardSource:
                 log.warning("skipping bad sample %r in shard %s (%s): %s", key, url, exn.kind, exn)
             return []
         if count:
-            for name, n in (("read", 1), ("good", 1), ("items", len(items))):
-                counters.add(epoch, name, n)
+            counters.add_good(epoch, len(items))
         return items
 
 
@@ -345,8 +344,7 @@ class _SyntheticSource:
         else:
             items = proc.text_items(self._text(rng), epoch, g, None)
         if count:
-            for name, n in (("read", 1), ("good", 1), ("items", len(items))):
-                counters.add(epoch, name, n)
+            counters.add_good(epoch, len(items))
         return items
 
     def _speech(self, rng: np.random.Generator) -> tuple[np.ndarray, int]:

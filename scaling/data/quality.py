@@ -68,6 +68,11 @@ class DataCounters:
         if shard is not None and name in BAD_KINDS + SHARD_EVENTS:
             self.bad_by_shard[shard] = self.bad_by_shard.get(shard, 0) + int(n)
 
+    def add_good(self, epoch: int, num_items: int) -> None:
+        """One sample read and decoded into ``num_items`` training items."""
+        for name, n in (("read", 1), ("good", 1), ("items", num_items)):
+            self.add(epoch, name, n)
+
     def state_dict(self) -> dict:
         return {"by_epoch": {e: dict(c) for e, c in self.by_epoch.items()}, "bad_by_shard": dict(self.bad_by_shard)}
 

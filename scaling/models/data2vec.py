@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from scaling.config import ModelConfig
@@ -46,6 +47,14 @@ class StudentOutput:
     padding_mask_BT: Optional[Tensor]
     teacher_x: Tensor
     local_features_BTD: Optional[Tensor]
+
+
+# FSDP2 finds a module's output tensors with pytree's tree_flatten, to hook the re-gather of its
+# parameters before their backward. A plain dataclass is one opaque leaf: a root resharded after
+# forward then ran backward on freed storage ("setStorage ... storage of size 0"; seen with
+# torch 2.11 on CUDA). Registered, every tensor field is visible (tests/test_models.py).
+for _cls in (FrontendOutput, EncoderOutput, StudentOutput):
+    pytree.register_dataclass(_cls)
 
 
 class RegressionHead(nn.Module):
