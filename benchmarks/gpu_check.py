@@ -34,7 +34,8 @@ def pretrain(recipe: str, overrides: list[str], workdir: Path) -> tuple[float, s
     sets = ["tracking.enabled=false", "train.device=cuda", f"checkpoint.dir={workdir}", "checkpoint.resume=never",
             "train.log_every=1000"] + overrides
     cmd += [a for s in sets for a in ("--set", s)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), MLFLOW_DISABLE_TELEMETRY="true", HF_HUB_OFFLINE="1")
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=pythonpath, MLFLOW_DISABLE_TELEMETRY="true", HF_HUB_OFFLINE="1")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     return time.perf_counter() - t0, proc.stdout + proc.stderr, proc.returncode
@@ -64,13 +65,14 @@ def check_engines(steps: int, tmp: Path) -> bool:
     return ok
 
 
-def encoder_params(recipe: str, overrides: list[str]) -> tuple[int, int]:
-    """(encoder parameters, tokens per sample) of a recipe's model."""
+def encoder_params(recipe: str) -> tuple[int, int]:
+    """(encoder parameters, tokens per sample at the longest input) of a recipe's model."""
     sys.path.insert(0, str(ROOT))
     from scaling.config import load_recipe
     from scaling.models import build_model
+    from scaling.models.speech import conv_output_length
 
-    r = load_recipe(ROOT / recipe, overrides)
+    r = load_recipe(ROOT / recipe)
     model = build_model(r.model)
     n = sum(p.numel() for p in model.encoder.parameters())
     if r.model.modality == "vision":
@@ -78,7 +80,7 @@ def encoder_params(recipe: str, overrides: list[str]) -> tuple[int, int]:
     elif r.model.modality == "text":
         tokens = r.data.text.block_size
     else:
-        tokens = r.data.speech.max_samples // 320
+        tokens = conv_output_length(r.data.speech.max_samples, r.model.speech.conv_layers)
     return n, tokens
 
 
@@ -95,13 +97,13 @@ def throughput(recipe: str, engine: str, batch: int, steps: int, peak_tflops: fl
     sets = [f"engine.name={engine}", f"train.global_batch_size={batch}", f"train.micro_batch_size={batch}",
             "train.precision=bf16", "checkpoint.every_steps=1000000", "data.train_shards=synthetic",
             "data.num_workers=12", f"train.max_steps={steps}"]
-    wall, out, rc = pretrain(recipe, sets, tmp / f"tp-{engine}")
+    _, out, rc = pretrain(recipe, sets, tmp / f"tp-{engine}")
     rate = tqdm_rate(out)
     if rc != 0 or rate is None:
         print(f"{recipe} {engine}: FAILED rc={rc}\n" + "\n".join(out.splitlines()[-25:]), flush=True)
         return
     step_s = 1.0 / rate
-    n_params, tokens = encoder_params(recipe, [])
+    n_params, tokens = encoder_params(recipe)
     flops = 8 * n_params * tokens * batch  # 6N student fwd+bwd + 2N teacher fwd, per token
     mfu = flops / step_s / (peak_tflops * 1e12)
     print(f"| {recipe} | {engine} | {batch} | {step_s * 1e3:.0f} ms | {batch / step_s:.0f} | "
