@@ -100,6 +100,7 @@ def run(recipe: Recipe, *, stop_at_step: int | None = None, gather_state: bool =
         status = "FINISHED"
     finally:
         tracker.finish(status)
+        loader.close()  # DataLoader workers stop here, not whenever the iterator is collected
         engine.close()
     return RunResult(history, start_step, trainer.step, find_latest(Path(recipe.checkpoint.dir)), tracker.run_id,
                      trainer.memory, full_state, engine.rank)
