@@ -16,6 +16,7 @@ figure is a lower bound) against the GPU's dense bf16 peak given by ``--peak-tfl
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import subprocess
@@ -65,6 +66,7 @@ def check_engines(steps: int, tmp: Path) -> bool:
     return ok
 
 
+@functools.cache  # one model build per recipe, not one per engine timed
 def encoder_params(recipe: str) -> tuple[int, int]:
     """(encoder parameters, tokens per sample at the longest input) of a recipe's model."""
     sys.path.insert(0, str(ROOT))
