@@ -73,6 +73,10 @@ class ModelConfig:
     speech: SpeechModelConfig = field(default_factory=SpeechModelConfig)
     vision: VisionModelConfig = field(default_factory=VisionModelConfig)
     text: TextModelConfig = field(default_factory=TextModelConfig)
+    # Start the student (and its EMA teacher) from these weights instead of a random init: an HF
+    # transformers Data2Vec directory (scaling-convert to-hf, or a released model) or a scaling checkpoint
+    # (or checkpoint.dir). Ignored when the run resumes from its own checkpoint.
+    init_from: str = ""
 
 
 # ----------------------------------------------------------------------------- masking
@@ -267,8 +271,8 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise RecipeError(f"recipe file not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise RecipeError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe must be a mapping, got {type(raw).__name__}")
     parent = raw.pop("extends", None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import random
 import sys
@@ -12,15 +13,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scaling.checkpoint import Checkpointer, find_latest
-from scaling.config import Recipe, load_recipe, to_yaml
+from scaling.checkpoint import Checkpointer, NonFiniteStateError, check_resume, find_latest, resume_path
+from scaling.config import Recipe, load_recipe
+from scaling.convert import initial_weights, load_initial_weights
 from scaling.data import build_loader
-from scaling.engines import build_engine
+from scaling.data.quality import BadDataError
+from scaling.distributed import env_info
+from scaling.engines import build_engine, engine_class
 from scaling.models import build_model
 from scaling.plan import BatchPlan
 from scaling.teacher import EMATeacher
 from scaling.tracking import Tracker
-from scaling.trainer import StepStats, Trainer
+from scaling.trainer import CollapseError, StepStats, Trainer
 
 log = logging.getLogger("scaling")
 
@@ -57,51 +61,66 @@ def seed_everything(seed: int) -> None:
 
 
 def run(recipe: Recipe, *, stop_at_step: int | None = None, gather_state: bool = False) -> RunResult:
-    engine = build_engine(recipe.engine, recipe.train)
-    plan = BatchPlan.from_config(recipe.train, engine.world_size)
-    # Same seed on every rank: the student starts identical everywhere and the teacher is its copy.
-    seed_everything(recipe.seed)
-    student = build_model(recipe.model)
-    teacher = EMATeacher(student.encoder)
-    engine.setup(student, teacher, recipe.optim, recipe.schedule, max_steps=recipe.train.max_steps, plan=plan)
-    loader = build_loader(recipe.data, recipe.model, recipe.masking, seed=recipe.seed, rank=engine.rank,
-                          world_size=engine.world_size, micro_batch_size=plan.micro_batch_size)
-    checkpointer = Checkpointer(recipe.checkpoint, engine, to_yaml(recipe))
-
-    start_step, run_id = 0, None
-    resume_from = checkpointer.resume_path()
+    # Whether the checkpoint can resume this run is settled before anything is built or joins a group.
+    resume_from = resume_path(recipe.checkpoint)
+    resume_warnings = []
     if resume_from is not None:
-        state = checkpointer.load(resume_from)
-        data_states = state["data_states"]
-        if not loader.same_layout(data_states[0]):  # another worker count: the catch-up needs every rank's state
-            data_states = checkpointer.data_states(resume_from)
-        loader.load_job_state(data_states)  # exact, or a catch-up on another layout
-        start_step, run_id = state["step"], state.get("mlflow_run_id")
-        if not state["same_world"]:
-            torch.manual_seed(recipe.seed + 1000 * (engine.rank + 1) + 7919 * start_step)
-        log.info("resumed from %s at step %d", resume_from, start_step)
-    else:
-        # Dropout and augmentation streams differ per rank; the model init above did not.
-        torch.manual_seed(recipe.seed + 1000 * (engine.rank + 1))
+        resume_warnings = check_resume(resume_from, recipe, world_size=env_info().world_size,
+                                       checkpoint_format=engine_class(recipe.engine.name).checkpoint_format)
+        for message in resume_warnings:
+            log.warning("resuming from %s: %s", resume_from, message)
+        if recipe.model.init_from:
+            log.info("resuming from %s: model.init_from=%s is not used", resume_from, recipe.model.init_from)
+    init = None  # read (and checked against the recipe) before anything is built
+    if recipe.model.init_from and resume_from is None:
+        init = initial_weights(recipe)
+    with contextlib.ExitStack() as cleanup:  # closed in reverse order, whatever fails
+        engine = build_engine(recipe.engine, recipe.train)
+        cleanup.callback(engine.close)
+        plan = BatchPlan.from_config(recipe.train, engine.world_size)
+        # Same seed on every rank: the student starts identical everywhere and the teacher is its copy.
+        seed_everything(recipe.seed)
+        student = build_model(recipe.model)
+        if init is not None:
+            load_initial_weights(student, init[0])
+        teacher = EMATeacher(student.encoder)  # a copy of the student's encoder, unless init_from had a teacher
+        if init is not None and init[1] is not None:
+            teacher.load_state_dict(init[1])
+        engine.setup(student, teacher, recipe.optim, recipe.schedule, max_steps=recipe.train.max_steps, plan=plan)
+        loader = build_loader(recipe.data, recipe.model, recipe.masking, seed=recipe.seed, rank=engine.rank,
+                              world_size=engine.world_size, micro_batch_size=plan.micro_batch_size)
+        cleanup.callback(loader.close)  # DataLoader workers stop here, before the engine's process group
+        checkpointer = Checkpointer(recipe.checkpoint, engine, recipe)
 
-    tracker = Tracker(recipe.tracking, active=engine.rank == 0)
-    tracker.start(recipe, run_id=run_id)
-    trainer = Trainer(train_cfg=recipe.train, objective_cfg=recipe.objective, ema_cfg=recipe.ema,
-                      monitor_cfg=recipe.monitor, grad_clip=recipe.optim.grad_clip, plan=plan, engine=engine,
-                      loader=loader, tracker=tracker, checkpointer=checkpointer)
-    if engine.rank == 0:
-        print(f"[scaling] {recipe.model.modality}: {plan}; engine {recipe.engine.name}; "
-              f"steps {start_step}->{min(recipe.train.max_steps, stop_at_step or recipe.train.max_steps)}",
-              flush=True)
-    status, full_state = "FAILED", None
-    try:
+        start_step, run_id = 0, None
+        if resume_from is not None:
+            state = checkpointer.load(resume_from)
+            data_states = state["data_states"]
+            if not loader.same_layout(data_states[0]):  # another worker count: the catch-up needs every rank's state
+                data_states = checkpointer.data_states(resume_from)
+            loader.load_job_state(data_states)  # exact, or a catch-up on another layout
+            start_step, run_id = state["step"], state.get("mlflow_run_id")
+            if not state["same_world"]:
+                torch.manual_seed(recipe.seed + 1000 * (engine.rank + 1) + 7919 * start_step)
+            log.info("resumed from %s at step %d", resume_from, start_step)
+        else:
+            # Dropout and augmentation streams differ per rank; the model init above did not.
+            torch.manual_seed(recipe.seed + 1000 * (engine.rank + 1))
+
+        tracker = Tracker(recipe.tracking, active=engine.rank == 0)
+        tracker.start(recipe, run_id=run_id)
+        cleanup.push(lambda failed, *_: tracker.finish("FAILED" if failed else "FINISHED"))
+        if resume_warnings:
+            tracker.set_tags({f"warning.resume_step_{start_step}": " / ".join(resume_warnings)})
+        trainer = Trainer(train_cfg=recipe.train, objective_cfg=recipe.objective, ema_cfg=recipe.ema,
+                          monitor_cfg=recipe.monitor, grad_clip=recipe.optim.grad_clip, plan=plan, engine=engine,
+                          loader=loader, tracker=tracker, checkpointer=checkpointer)
+        if engine.rank == 0:
+            print(f"[scaling] {recipe.model.modality}: {plan}; engine {recipe.engine.name}; "
+                  f"steps {start_step}->{min(recipe.train.max_steps, stop_at_step or recipe.train.max_steps)}",
+                  flush=True)
         history = trainer.run(start_step=start_step, stop_at_step=stop_at_step)
         full_state = engine.full_state_dict() if gather_state else None
-        status = "FINISHED"
-    finally:
-        tracker.finish(status)
-        loader.close()  # DataLoader workers stop here, not whenever the iterator is collected
-        engine.close()
     return RunResult(history, start_step, trainer.step, find_latest(Path(recipe.checkpoint.dir)), tracker.run_id,
                      trainer.memory, full_state, engine.rank)
 
@@ -109,8 +128,14 @@ def run(recipe: Recipe, *, stop_at_step: int | None = None, gather_state: bool =
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    recipe = load_recipe(args.recipe, args.overrides)  # validates every key before anything starts
-    result = run(recipe, stop_at_step=args.stop_at_step)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)  # validates every key before anything starts
+        result = run(recipe, stop_at_step=args.stop_at_step)
+    except (ValueError, NonFiniteStateError, CollapseError, BadDataError) as exn:
+        # User errors (recipe, checkpoint) and run failures the run already explained: one line, no traceback.
+        log.debug("run failed", exc_info=True)
+        print(f"scaling-pretrain: error: {exn}", file=sys.stderr, flush=True)
+        return 2 if isinstance(exn, ValueError) else 1
     if result.rank != 0:
         return 0
     if result.history:

@@ -10,10 +10,10 @@ logged to MLflow (``probe/linear_acc``, ``probe/knn_acc``; ``probe_random/...`` 
 ``--random-init``) at the checkpoint's step.
 
 CHECKPOINT is a checkpoint directory (``checkpoint.dir/step_XXXXXXXX``) or a run's
-``checkpoint.dir``, whose newest complete checkpoint is taken. Every engine's format is read in one
-process without a process group: ``model.safetensors`` (single, ddp), ``dcp/`` (fsdp,
-torch.distributed.checkpoint) and ``deepspeed/`` (DeepSpeed ZeRO-1/2/3, fp32 masters). The model
-shape and the data processing come from the checkpoint's ``recipe.yaml``.
+``checkpoint.dir``, whose newest intact checkpoint is taken. Any engine's checkpoint (single, ddp,
+fsdp, DeepSpeed ZeRO-1/2/3) is read in one process without a process group, through
+:mod:`scaling.checkpoint` (which refuses files that would run code). The model shape and the data
+processing come from the checkpoint's recipe.
 
 Features. The student's frontend makes the unmasked encoder input (``FrontendOutput.teacher_x``:
 what the teacher sees, computed with the student's weights), the student encoder runs in eval
@@ -42,26 +42,20 @@ the most frequent train class) is printed and returned too.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import io
-import json
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from scaling.checkpoint import FORMAT_VERSION, find_latest
-from scaling.config import Recipe, load_recipe
+from scaling.checkpoint import read_meta, read_recipe, read_state_dict, resolve
+from scaling.config import Recipe
 from scaling.models import Data2Vec, build_model
 
 __all__ = [
-    "resolve_checkpoint",
-    "checkpoint_recipe",
     "load_student",
     "random_student",
     "extract_features",
@@ -73,45 +67,9 @@ __all__ = [
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 DEFAULT_EXPERIMENT = "scaling-probe"
-_DS_TAG = "deepspeed"  # scaling.engines.deepspeed saves with this tag (sub-directory)
 
 
 # ============================================================================= checkpoints
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A complete checkpoint directory: ``path`` itself, or the newest complete one inside it."""
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"{path}: no such checkpoint or checkpoint.dir")
-    if not path.is_dir():
-        raise ValueError(f"{path}: not a directory (expected a checkpoint or a checkpoint.dir)")
-    if (path / "COMPLETE").exists():
-        return path
-    latest = find_latest(path)
-    if latest is None:
-        raise ValueError(f"{path}: not a complete checkpoint, and it holds no complete checkpoint "
-                         "(step_XXXXXXXX/ with a COMPLETE marker)")
-    return latest
-
-
-def checkpoint_recipe(path: str | Path) -> Recipe:
-    """The resolved recipe stored with a checkpoint (``path`` as in :func:`resolve_checkpoint`)."""
-    ckpt = resolve_checkpoint(path)
-    recipe_file = ckpt / "recipe.yaml"
-    if not recipe_file.exists():
-        raise ValueError(f"{ckpt}: no recipe.yaml in the checkpoint")
-    return load_recipe(recipe_file)
-
-
-def _checkpoint_meta(ckpt: Path) -> dict:
-    meta_file = ckpt / "meta.json"
-    if not meta_file.exists():
-        raise ValueError(f"{ckpt}: no meta.json in the checkpoint")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{ckpt}: checkpoint format {meta.get('format')}, this code reads {FORMAT_VERSION}")
-    return meta
-
-
 def _build(recipe: Recipe, seed: int) -> Data2Vec:
     # A private RNG stream: building the model must not move the caller's.
     with torch.random.fork_rng(devices=[]):
@@ -119,77 +77,17 @@ def _build(recipe: Recipe, seed: int) -> Data2Vec:
         return build_model(recipe.model)
 
 
-def _student_tensors_safetensors(ckpt: Path) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    prefix = "student."
-    with safe_open(str(ckpt / "model.safetensors"), framework="pt", device="cpu") as f:
-        return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
-
-
-def _student_tensors_dcp(ckpt: Path, model: Data2Vec) -> dict[str, torch.Tensor]:
-    import torch.distributed.checkpoint as dcp
-
-    # Only the student is requested: DCP reads those entries (any sharding) into plain tensors.
-    state = {"student": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-    try:
-        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, checkpoint_id=ckpt / "dcp", no_dist=True)
-    except Exception as exn:  # DCP raises CheckpointException/RuntimeError with the missing keys
-        raise ValueError(f"{ckpt}: cannot read the student from the fsdp checkpoint dcp/: {exn}") from exn
-    return state["student"]
-
-
-def _student_tensors_deepspeed(ckpt: Path) -> dict[str, torch.Tensor]:
-    import logging
-
-    from deepspeed.utils import logger as ds_logger
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    level = ds_logger.level
-    ds_logger.setLevel(logging.WARNING)  # it logs every shard it reads
-    try:
-        # It also prints its progress (stdout) and progress bars (stderr): only errors matter here.
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=_DS_TAG)
-    except Exception as exn:
-        raise ValueError(f"{ckpt}: cannot read the student from the deepspeed checkpoint {_DS_TAG}/: {exn}") from exn
-    finally:
-        ds_logger.setLevel(level)
-    return {k: v.float() if torch.is_floating_point(v) else v for k, v in state.items()}
-
-
-def checkpoint_format(ckpt: Path) -> str:
-    """``safetensors`` (single, ddp), ``dcp`` (fsdp) or ``deepspeed``; ValueError when unknown."""
-    if (ckpt / "model.safetensors").is_file():
-        return "safetensors"
-    if (ckpt / "dcp" / ".metadata").is_file():
-        return "dcp"
-    if (ckpt / _DS_TAG).is_dir():
-        return "deepspeed"
-    raise ValueError(f"{ckpt}: unknown checkpoint format (no model.safetensors, dcp/.metadata or {_DS_TAG}/)")
-
-
 def load_student(checkpoint: str | Path) -> tuple[Data2Vec, Recipe]:
     """The student (fp32, CPU, eval mode) and the recipe of a checkpoint, from any engine's format.
 
-    ``checkpoint``: a checkpoint directory or a ``checkpoint.dir`` (its newest complete checkpoint).
-    Raises ValueError naming the path when nothing complete is found, the format is unknown, or the
+    ``checkpoint``: a checkpoint directory or a ``checkpoint.dir`` (its newest intact checkpoint).
+    Raises ValueError naming the path when nothing intact is found, a file is refused, or the
     stored tensors do not fit the recipe's model."""
-    ckpt = resolve_checkpoint(checkpoint)
-    _checkpoint_meta(ckpt)
-    recipe = checkpoint_recipe(ckpt)
-    fmt = checkpoint_format(ckpt)
+    ckpt = resolve(checkpoint)
+    recipe = read_recipe(ckpt)
     model = _build(recipe, recipe.seed)
-    if fmt == "safetensors":
-        state = _student_tensors_safetensors(ckpt)
-    elif fmt == "dcp":
-        state = _student_tensors_dcp(ckpt, model)
-    else:
-        state = _student_tensors_deepspeed(ckpt)
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(read_state_dict(ckpt, "student"), strict=True)
     except RuntimeError as exn:
         raise ValueError(f"{ckpt}: the stored student does not match the recipe's model: {exn}") from exn
     model.float().eval().requires_grad_(False)
@@ -404,11 +302,10 @@ def probe(checkpoint: str | Path, train_shards: str, test_shards: str, *, random
     ``majority``, counts, ``prefix`` (``probe`` or ``probe_random``), ``checkpoint``, ``step`` and
     ``mlflow_run_id``."""
     t0 = time.perf_counter()
-    ckpt = resolve_checkpoint(checkpoint)
-    meta = _checkpoint_meta(ckpt)
-    step = int(meta.get("step", 0))
+    ckpt = resolve(checkpoint)
+    step = int(read_meta(ckpt)["step"])
     if random_init:
-        recipe = checkpoint_recipe(ckpt)
+        recipe = read_recipe(ckpt)
         model = random_student(recipe, seed)
     else:
         model, recipe = load_student(ckpt)

@@ -59,6 +59,12 @@ class Tracker:
 
             mlflow.log_metrics(metrics, step=step, synchronous=False)
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.active and tags:
+            import mlflow
+
+            mlflow.set_tags(tags)
+
     def finish(self, status: str = "FINISHED") -> None:
         if self.active and self.run_id is not None:
             import mlflow

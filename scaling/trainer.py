@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from scaling.checkpoint import Checkpointer
+from scaling.checkpoint import Checkpointer, NonFiniteStateError
 from scaling.config import EMAConfig, MonitorConfig, ObjectiveConfig, TrainConfig
 from scaling.data.quality import BAD_KINDS, SHARD_EVENTS, STAT_NAMES
 from scaling.engines import Engine
@@ -185,6 +185,8 @@ class Trainer:
         if stats.pred_var < m.min_pred_var:
             problems.append(f"pred_var {stats.pred_var:.4g} < monitor.min_pred_var {m.min_pred_var}")
         if problems:
-            path = self.save()
-            raise CollapseError(f"step {self.step}: representation collapse: {'; '.join(problems)}. "
-                                f"Checkpoint written to {path}.")
+            try:
+                saved = f"Checkpoint written to {self.save()}."
+            except NonFiniteStateError as exn:  # a diverged state is never saved over good checkpoints
+                saved = str(exn)
+            raise CollapseError(f"step {self.step}: representation collapse: {'; '.join(problems)}. {saved}")

@@ -17,3 +17,26 @@ def recipe_path():
         return os.path.join(REPO, "recipes", modality, f"{size}.yaml")
 
     return path
+
+
+# ----------------------------------------------------------------------------- checkpoints of every engine
+@pytest.fixture(scope="session")
+def engine_checkpoints(tmp_path_factory):
+    """name -> (checkpoint.dir, gathered full state of the live engine) for dist_harness.ENGINES. Tiny
+    runs, once per session: single (in this process), fsdp and ZeRO-3 (one 2-rank spawn), ZeRO-2 and
+    ZeRO-1 (a spawn each: a second DeepSpeed engine in one process fails). Each rank 0 returns the
+    engine's own gathered full_state_dict(), the reference the readers are compared with."""
+    from dist_harness import ENGINES, engine_overrides, free_port, run_jobs, spawn
+    from scaling.config import load_recipe
+    from scaling.pretrain import run
+
+    tmp = tmp_path_factory.mktemp("ckpt")
+    recipe = load_recipe(os.path.join(REPO, "recipes", "vision", "tiny.yaml"), engine_overrides(tmp, "single"))
+    states = {"single": run(recipe, gather_state=True).full_state}
+    first = spawn(run_jobs, [(ENGINES[n][0], engine_overrides(tmp, n)) for n in ("fsdp", "zero3")], [free_port()])[0]
+    states.update(fsdp=first[0]["state"], zero3=first[1]["state"])
+    for name in ("zero2", "zero1"):
+        states[name] = spawn(run_jobs, [(ENGINES[name][0], engine_overrides(tmp, name))], [])[0][0]["state"]
+    return {name: (tmp / name, state) for name, state in states.items()}
+
+

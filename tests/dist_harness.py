@@ -71,4 +71,31 @@ def assert_same_run(ref: dict, ranks: list[dict], *, rtol=1e-4, teacher_atol=1e-
         torch.testing.assert_close(gathered[k], ref["state"][k], rtol=0, atol=teacher_atol, msg=k)
 
 
+# ----------------------------------------------------------------------------- checkpoints of every engine
+ENGINES = {  # name -> (modality, overrides): bf16 where DeepSpeed pickles its loss scaler objects
+    "single": ("vision", ["engine.name=single", "train.precision=fp32"]),
+    "fsdp": ("vision", ["engine.name=fsdp", "train.precision=fp32"]),
+    "zero3": ("vision", ["engine.name=deepspeed", "engine.zero_stage=3", "train.precision=bf16"]),
+    "zero2": ("text", ["engine.name=deepspeed", "engine.zero_stage=2", "train.precision=bf16"]),
+    "zero1": ("text", ["engine.name=deepspeed", "engine.zero_stage=1", "train.precision=fp32"]),
+}
+
+
+def engine_overrides(tmp: Path, name: str) -> list[str]:
+    return ENGINES[name][1] + ["train.max_steps=2", "train.global_batch_size=8", "train.micro_batch_size=4",
+                               "tracking.enabled=false", "checkpoint.every_steps=100", "checkpoint.resume=never",
+                               f"checkpoint.dir={tmp}/{name}"]
+
+
+def run_jobs(jobs: list[tuple], ports: list[int]) -> list[dict]:
+    """Several runs of ``(modality, overrides)``, one after the other in this rank; each later run
+    joins a new process group on the next of ``ports``."""
+    results = []
+    for i, (modality, overrides) in enumerate(jobs):
+        if i:
+            os.environ["MASTER_PORT"] = str(ports[i - 1])
+        results.append(run_recipe(modality, overrides))
+    return results
+
+
 sys.path.insert(0, str(REPO))

@@ -39,8 +39,6 @@ def _install_collective_counters() -> dict:
     deliberate ``deepspeed.comm`` all-gather and all-reduce run inside the same counting window
     just before the real update (both ranks update together, so they match up); they must count."""
     import deepspeed.comm  # noqa: F401
-    import torch.distributed
-    import torch.distributed.distributed_c10d
 
     from scaling.teacher import EMATeacher
 
@@ -176,7 +174,7 @@ def test_zero3_resume_equals_uninterrupted(runs):
     first = spawn(_ds_run, modality, common, 5)
     assert first[0]["step"] == 5
     ckpt = runs.tmp / "z3-resume" / "step_00000005"
-    assert {"teacher_rank0.pt", "teacher_rank1.pt", "deepspeed"} <= {p.name for p in ckpt.iterdir()}
+    assert {"teacher_rank0.safetensors", "teacher_rank1.safetensors", "deepspeed"} <= {p.name for p in ckpt.iterdir()}
     second = spawn(_ds_run, modality, common)
     assert second[0]["step"] == STEPS and len(second[0]["losses"]) == STEPS - 5
     torch.testing.assert_close(torch.tensor(second[0]["losses"]), torch.tensor(full["losses"][5:]), rtol=0, atol=1e-6)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -50,9 +49,8 @@ class Engine(ABC):
     rank: int = 0
     world_size: int = 1
     device: torch.device
-    # Whether load() reads a checkpoint written by another number of ranks (full state files and
-    # DCP reshard; DeepSpeed's ZeRO partitions need its offline universal-checkpoint conversion).
-    loads_other_world_size: bool = True
+    # Which writer/reader of scaling.checkpoint.formats persists state_dict(): "full", "dcp" or "deepspeed".
+    checkpoint_format: str
 
     def __init__(self, engine_cfg: EngineConfig, train_cfg: TrainConfig):
         self.engine_cfg = engine_cfg
@@ -106,17 +104,25 @@ class Engine(ABC):
     def barrier(self) -> None:
         pass
 
-    # -- state
+    # -- state (scaling.checkpoint decides the files; the engine only hands its state over)
     @abstractmethod
-    def save(self, directory: Path) -> None:
-        """Write student, teacher, optimizer, scheduler and scaler state into ``directory`` (every rank calls)."""
+    def state_dict(self) -> dict:
+        """Everything a resume needs, in this engine's own layout (full tensors, DCP-ready sharded
+        state dicts, or DeepSpeed's engine plus the teacher partitions). Every rank calls."""
 
     @abstractmethod
-    def load(self, directory: Path) -> None: ...
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what the checkpoint format read back into the shape of :meth:`state_dict`."""
+
+    @abstractmethod
+    def named_local_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """This rank's own pieces of the student (fp32 masters where they differ) and of the teacher,
+        named ``student.*`` / ``teacher.*``: what a save checks for non-finite values."""
 
     @abstractmethod
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full (gathered) ``student.*`` and ``teacher.*`` tensors on rank 0; may be empty elsewhere."""
+        """Full (gathered) ``student.*`` (``Data2Vec.state_dict()``) and ``teacher.*``
+        (``EMATeacher.state_dict()``) tensors on rank 0; may be empty elsewhere. Every rank calls."""
 
     @abstractmethod
     def memory_report(self) -> dict[str, int]:

@@ -37,27 +37,26 @@ it before the forward. ``autocast()`` is the same as the single engine's, so the
 computes exactly as it does there. fp16 uses DeepSpeed's dynamic loss scaling (DeepSpeed refuses
 fp16 where the accelerator reports no fp16 support, e.g. most CPUs).
 
-Checkpoints (every rank calls): ``<dir>/deepspeed/`` from ``save_checkpoint`` (student, optimizer,
-scheduler, engine counters) and ``<dir>/teacher_rank{r}.pt`` with this rank's teacher partitions
-(ZeRO-1/2 ``client_state`` comes only from rank 0, so it cannot hold per-rank data).
+State (every rank calls): DeepSpeed's engine, whose ``save_checkpoint`` holds student, optimizer,
+scheduler and engine counters, and this rank's teacher partitions with their layout (names, groups,
+offsets, shapes), which scaling.checkpoint's ``deepspeed`` format writes per rank (ZeRO-1/2
+``client_state`` comes only from rank 0, so it cannot hold per-rank data).
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from scaling.checkpoint.formats import clean_name
 from scaling.config import EngineConfig, OptimConfig, ScheduleConfig, TrainConfig
 from scaling.distributed import env_info, init_process_group
 from scaling.engines.base import Engine, ProcessGroup, apply_activation_checkpointing, pick_device, tensor_bytes
 from scaling.optim import build_optimizer, build_scheduler, param_groups
 from scaling.plan import BatchPlan
 
-_TAG = "deepspeed"  # save_checkpoint's sub-directory (relative: the Checkpointer renames the parent)
 _BLOCKS = "blocks."
 
 
@@ -88,7 +87,7 @@ class _StudentCall(nn.Module):
 
 
 class DeepSpeedEngine(ProcessGroup, Engine):
-    loads_other_world_size = False
+    checkpoint_format = "deepspeed"
 
     def __init__(self, engine_cfg: EngineConfig, train_cfg: TrainConfig):
         super().__init__(engine_cfg, train_cfg)
@@ -315,33 +314,40 @@ class DeepSpeedEngine(ProcessGroup, Engine):
     # ------------------------------------------------------------------ state
     def _teacher_parts(self) -> tuple[list[str], list[torch.Tensor]]:
         if self.stage == 3:
-            return [n for n, _ in self._t_named], [t.ds_tensor for _, t in self._t_named]
+            return [clean_name(n) for n, _ in self._t_named], [t.ds_tensor for _, t in self._t_named]
         return [f"group{g}" for g in self._tgroups], self._tparts
 
-    def save(self, directory: Path) -> None:
-        directory = Path(directory)
-        self.ds.save_checkpoint(str(directory), tag=_TAG, save_latest=False)
-        names, parts = self._teacher_parts()
-        torch.save({"stage": self.stage, "world_size": self.world_size, "names": names,
-                    "parts": [p.detach().cpu().clone() for p in parts]},
-                   directory / f"teacher_rank{self.rank}.pt")
+    def _teacher_layout(self) -> dict:
+        """What a reader needs to put the partitions back together by name (scaling/checkpoint/formats.py)."""
+        layout = {"stage": self.stage, "world_size": self.world_size}
+        if self.stage == 3:
+            layout["params"] = {clean_name(n): {"shape": list(t.ds_shape), "partition": t.ds_tensor.numel()}
+                                for n, t in self._t_named}
+            return layout
+        names = {id(t): clean_name(n) for n, t in self._teacher.encoder.named_parameters()}
+        layout["partitions"] = {f"group{g}": part.numel() for g, part in zip(self._tgroups, self._tparts)}
+        layout["params"] = {names[id(t)]: {"group": f"group{g}", "offset": offset, "shape": list(shape)}
+                            for t, g, offset, shape in self._t_layout}
+        return layout
 
-    def load(self, directory: Path) -> None:
-        directory = Path(directory)
-        path, _ = self.ds.load_checkpoint(str(directory), tag=_TAG, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
-        if path is None:
-            raise ValueError(f"{directory}: no DeepSpeed checkpoint under {_TAG}/")
-        state = torch.load(directory / f"teacher_rank{self.rank}.pt", map_location="cpu", weights_only=True)
+    def state_dict(self) -> dict:
         names, parts = self._teacher_parts()
-        if (state["stage"], state["world_size"], state["names"]) != (self.stage, self.world_size, names):
-            raise ValueError(f"{directory}: teacher partitions written by ZeRO-{state['stage']} on "
-                             f"{state['world_size']} ranks; this run is ZeRO-{self.stage} on {self.world_size}")
+        return {"deepspeed": self.ds, "teacher": dict(zip(names, parts)), "teacher_layout": self._teacher_layout()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The teacher partitions (DeepSpeed's own load_checkpoint restored the rest)."""
+        names, parts = self._teacher_parts()
         with torch.no_grad():
-            for dst, src in zip(parts, state["parts"]):
-                dst.copy_(src)
+            for name, dst in zip(names, parts):
+                dst.copy_(state["teacher"][name])
         if self.stage == 3:  # the loaded master may live in new storage: rebuild the EMA views
             self._build_ema_views_z3()
+
+    def named_local_tensors(self):
+        masters = list(self.ds.optimizer.fp32_partitioned_groups_flat) if self.stage == 3 else list(self._z12()[2])
+        names, parts = self._teacher_parts()
+        return [(f"student.fp32_master_group{g}", m) for g, m in enumerate(masters)] + \
+            [(f"teacher.{n}", t) for n, t in zip(names, parts)]
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full fp32 tensors on rank 0 (every rank must call: gathers per parameter)."""
@@ -365,7 +371,7 @@ class DeepSpeedEngine(ProcessGroup, Engine):
             elif isinstance(value, nn.Parameter):
                 g, offset, shape = layout[id(value)]
                 value = fulls[g].narrow(0, offset, shape.numel()).view(shape)
-            out[f"teacher.{key}"] = value.detach().cpu().clone()
+            out[f"teacher.encoder.{key}"] = value.detach().cpu().clone()
         return out if self.rank == 0 else {}
 
     @staticmethod

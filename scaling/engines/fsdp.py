@@ -13,16 +13,13 @@ fp32 shards with no communication.
   backward, so with False (or FSDP's default for a root) its parameters would stay unsharded after
   the first forward and every later forward would silently reuse the step-0 weights.
 - ``engine.replicas > 1``: hybrid sharding on a 2-D mesh (replicate, shard).
-- Checkpoints: torch.distributed.checkpoint (each rank writes its shards) of student, teacher and
-  optimizer under ``<dir>/dcp``, plus the replicated LR-scheduler state in ``<dir>/scheduler.pt``.
+- State: DCP-ready sharded state dicts of student, teacher and optimizer, plus the replicated
+  LR-scheduler state (written by scaling.checkpoint's ``dcp`` format; each rank writes its shards).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -50,6 +47,8 @@ def _local_bytes(tensors) -> int:
 
 
 class FSDPEngine(ProcessGroup, Engine):
+    checkpoint_format = "dcp"
+
     def __init__(self, engine_cfg: EngineConfig, train_cfg: TrainConfig):
         super().__init__(engine_cfg, train_cfg)
         if train_cfg.precision == "fp16":  # also rejected by recipe validation
@@ -146,32 +145,28 @@ class FSDPEngine(ProcessGroup, Engine):
         return self._locals
 
     # ------------------------------------------------------------------ state
-    def _dcp_state(self) -> dict:
+    def state_dict(self) -> dict:
         # Never ignore_frozen_params=True: it drops the (requires_grad=False) teacher.
         return {"student": get_model_state_dict(self._student), "teacher": get_model_state_dict(self._teacher),
-                "optim": get_optimizer_state_dict(self._student, self.optimizer)}
+                "optim": get_optimizer_state_dict(self._student, self.optimizer),
+                "scheduler": self.scheduler.state_dict()}
 
-    def save(self, directory: Path) -> None:
-        dcp.save(self._dcp_state(), checkpoint_id=Path(directory) / "dcp")
-        if self.rank == 0:
-            torch.save({"scheduler": self.scheduler.state_dict()}, Path(directory) / "scheduler.pt")
+    def load_state_dict(self, state: dict) -> None:
+        def storages():
+            return [t.untyped_storage().data_ptr() for pair in self._pairs
+                    for t in (pair[0]._local_tensor, pair[1]._local_tensor) if t.numel()]
 
-    def load(self, directory: Path) -> None:
-        before = [t.untyped_storage().data_ptr() for pair in self._pairs for t in (pair[0]._local_tensor,
-                                                                                 pair[1]._local_tensor)
-                  if t.numel()]
-        state = self._dcp_state()
-        dcp.load(state, checkpoint_id=Path(directory) / "dcp")
+        before = storages()
         set_model_state_dict(self._student, state["student"])
         set_model_state_dict(self._teacher, state["teacher"])
         set_optimizer_state_dict(self._student, self.optimizer, state["optim"])
-        after = [t.untyped_storage().data_ptr() for pair in self._pairs for t in (pair[0]._local_tensor,
-                                                                                pair[1]._local_tensor)
-                 if t.numel()]
-        assert before == after, "loading must restore the shards in place (the EMA caches their local tensors)"
+        assert storages() == before, "loading must restore the shards in place (the EMA caches their local tensors)"
         self._locals = None
-        sched = torch.load(Path(directory) / "scheduler.pt", weights_only=True)
-        self.scheduler.load_state_dict(sched["scheduler"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def named_local_tensors(self):
+        return [(f"student.{n}", _local(p)) for n, p in self._student.named_parameters()] + \
+            [(f"teacher.{n}", _local(p)) for n, p in self._teacher.named_parameters()]
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Gathered fp32 tensors on rank 0 (every rank must call), named as the single engine names them."""
@@ -181,9 +176,7 @@ class FSDPEngine(ProcessGroup, Engine):
         if self.rank != 0:
             return {}
         tensors = {f"student.{k}": v for k, v in student.items()}
-        prefix = "encoder."  # the single engine saves teacher.encoder.state_dict()
-        assert all(k.startswith(prefix) for k in teacher), list(teacher)
-        tensors.update({f"teacher.{k[len(prefix):]}": v for k, v in teacher.items()})
+        tensors.update({f"teacher.{k}": v for k, v in teacher.items()})
         return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
     def memory_report(self) -> dict[str, int]:

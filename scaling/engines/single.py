@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
-from safetensors.torch import load_file, save_file
 
 from scaling.config import EngineConfig, OptimConfig, ScheduleConfig, TrainConfig
 from scaling.plan import BatchPlan
@@ -15,6 +12,8 @@ from scaling.teacher import ema_pairs
 
 
 class SingleEngine(Engine):
+    checkpoint_format = "full"
+
     def __init__(self, engine_cfg: EngineConfig, train_cfg: TrainConfig):
         super().__init__(engine_cfg, train_cfg)
         self.device = pick_device(train_cfg.device)
@@ -52,8 +51,12 @@ class SingleEngine(Engine):
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         tensors = {f"student.{k}": v for k, v in self._student.state_dict().items()}
-        tensors.update({f"teacher.{k}": v for k, v in self._teacher.encoder.state_dict().items()})
+        tensors.update({f"teacher.{k}": v for k, v in self._teacher.state_dict().items()})
         return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+    def named_local_tensors(self):
+        return [(f"student.{n}", p) for n, p in self._student.named_parameters()] + \
+            [(f"teacher.{n}", p) for n, p in self._teacher.named_parameters()]
 
     def memory_report(self) -> dict[str, int]:
         trainable = [p for p in self._student.parameters() if p.requires_grad]
@@ -65,21 +68,15 @@ class SingleEngine(Engine):
             "teacher": tensor_bytes(self._teacher.parameters()),
         }
 
-    def save(self, directory: Path) -> None:
-        if self.rank != 0:  # replicated state: one writer
-            return
-        save_file(self.full_state_dict(), directory / "model.safetensors")
-        torch.save(
-            {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-             "scaler": self.scaler.state_dict()},
-            directory / "optimizer.pt",
-        )
+    def state_dict(self) -> dict:
+        return {"model": self.full_state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
 
-    def load(self, directory: Path) -> None:
-        tensors = load_file(directory / "model.safetensors", device=str(self.device))
-        self._student.load_state_dict(_strip(tensors, "student."))
-        self._teacher.encoder.load_state_dict(_strip(tensors, "teacher."))
-        state = torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True)
+    def load_state_dict(self, state: dict) -> None:
+        model = state["model"]
+        # load_state_dict copies in place: the EMA's cached tensors stay valid.
+        self._student.load_state_dict(_strip(model, "student."))
+        self._teacher.load_state_dict(_strip(model, "teacher."))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])

@@ -2,20 +2,8 @@
 encoder (the frontend, shared with the teacher) and a post-LN transformer (the EMA-updated encoder).
 Reference §2.2 (v1 speech row), §3.2.
 
-Parameter names -> HF ``Data2VecAudioModel`` (reference §6.1):
-  frontend.feature_extractor.conv_layers.{i}.conv.weight       -> feature_extractor.conv_layers.{i}.conv.weight
-  frontend.feature_extractor.conv_layers.{i}.layer_norm.*      -> feature_extractor.conv_layers.{i}.layer_norm.*
-  frontend.feature_projection.layer_norm.*                     -> feature_projection.layer_norm.*
-  frontend.feature_projection.projection.*                     -> feature_projection.projection.*
-  frontend.mask_emb                                            -> masked_spec_embed
-  frontend.pos_conv.layers.{j}.conv.*                          -> encoder.pos_conv_embed.layers.{j}.conv.*
-  encoder.layer_norm.*                                         -> encoder.layer_norm.*
-  encoder.blocks.{i}.attn.{q,k,v,out}_proj.*                   -> encoder.layers.{i}.attention.{q,k,v,out}_proj.*
-  encoder.blocks.{i}.norm1.*                                   -> encoder.layers.{i}.layer_norm.*
-  encoder.blocks.{i}.fc1.*                                     -> encoder.layers.{i}.feed_forward.intermediate_dense.*
-  encoder.blocks.{i}.fc2.*                                     -> encoder.layers.{i}.feed_forward.output_dense.*
-  encoder.blocks.{i}.norm2.*                                   -> encoder.layers.{i}.final_layer_norm.*
-  head.proj.*                                                  -> (fairseq final_proj; dropped in export)
+HF ``Data2VecAudioModel`` export and import (reference §6.1): the name map, the config fields and
+what is refused live in ``scaling/hf/speech.py``; what equality holds is in docs/hf-transformers.md.
 """
 
 from __future__ import annotations
@@ -113,13 +101,18 @@ class PosConvLayer(nn.Module):
         return F.gelu(x).transpose(1, 2)
 
 
+def pos_conv_kernel(width: int, depth: int) -> int:
+    """Kernel of each positional conv layer: fairseq data2vec_audio's ``max(3, conv_pos_width // depth)``."""
+    return max(3, width // depth)
+
+
 class PosConv(nn.Module):
     """``conv_pos_depth`` stacked PosConvLayers with kernel max(3, width // depth) (reference §3.2).
     Returns the conv output; the caller adds it to the input."""
 
     def __init__(self, dim: int, width: int, depth: int, groups: int, eps: float):
         super().__init__()
-        kernel = max(3, width // depth)
+        kernel = pos_conv_kernel(width, depth)
         self.layers = nn.ModuleList(PosConvLayer(dim, kernel, groups, eps) for _ in range(depth))
 
     def forward(self, x_BTD: Tensor, padding_mask_BT: Optional[Tensor] = None) -> Tensor:

@@ -1,20 +1,8 @@
 """data2vec v1 text: RoBERTa-style embeddings (the frontend, shared with the teacher) and a post-LN
 transformer (the EMA-updated encoder). Reference §2.2 (v1 text row), §3.4, §7 item 6.
 
-Parameter names -> HF ``Data2VecTextModel`` (reference §6.3):
-  frontend.embed_tokens.weight            -> embeddings.word_embeddings.weight
-  frontend.embed_positions.weight         -> embeddings.position_embeddings.weight  (rows = max_positions + pad_id + 1)
-  frontend.layernorm_embedding.*          -> embeddings.LayerNorm.*
-  (none)                                  -> embeddings.token_type_embeddings.weight  (zeros [1, D])
-  encoder.blocks.{i}.attn.q_proj.*        -> encoder.layer.{i}.attention.self.query.*
-  encoder.blocks.{i}.attn.k_proj.*        -> encoder.layer.{i}.attention.self.key.*
-  encoder.blocks.{i}.attn.v_proj.*        -> encoder.layer.{i}.attention.self.value.*
-  encoder.blocks.{i}.attn.out_proj.*      -> encoder.layer.{i}.attention.output.dense.*
-  encoder.blocks.{i}.norm1.*              -> encoder.layer.{i}.attention.output.LayerNorm.*
-  encoder.blocks.{i}.fc1.*                -> encoder.layer.{i}.intermediate.dense.*
-  encoder.blocks.{i}.fc2.*                -> encoder.layer.{i}.output.dense.*
-  encoder.blocks.{i}.norm2.*              -> encoder.layer.{i}.output.LayerNorm.*
-  head.fc1.*, head.fc2.*                  -> (fairseq regression_head; dropped in export)
+HF ``Data2VecTextModel`` export and import (reference §6.3): the name map, the config fields, the
+token-type fold and what is refused live in ``scaling/hf/text.py``.
 """
 
 from __future__ import annotations

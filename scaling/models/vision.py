@@ -2,24 +2,9 @@
 shared with the teacher (reference §2.2: the v1 vision teacher is an EMA of the whole model), so the
 frontend only passes the pixels through and the encoder holds everything.
 
-Parameter names -> HF ``Data2VecVisionModel`` (reference §6.2; export with
-use_shared_relative_position_bias=True, use_mask_token=True, layer_norm_eps=1e-6):
-  encoder.patch_embed.proj.*                             -> embeddings.patch_embeddings.projection.*
-  encoder.cls_token                                      -> embeddings.cls_token
-  encoder.mask_token                                     -> embeddings.mask_token
-  encoder.rel_pos_bias.relative_position_bias_table      -> encoder.relative_position_bias.relative_position_bias_table
-  encoder.blocks.{i}.norm1.*                             -> encoder.layer.{i}.layernorm_before.*
-  encoder.blocks.{i}.attn.q_proj.*                       -> encoder.layer.{i}.attention.attention.query.*
-  encoder.blocks.{i}.attn.k_proj.weight (no bias)        -> encoder.layer.{i}.attention.attention.key.weight
-  encoder.blocks.{i}.attn.v_proj.*                       -> encoder.layer.{i}.attention.attention.value.*
-  encoder.blocks.{i}.attn.out_proj.*                     -> encoder.layer.{i}.attention.output.dense.*
-  encoder.blocks.{i}.gamma_1, gamma_2                    -> encoder.layer.{i}.lambda_1, lambda_2
-  encoder.blocks.{i}.norm2.*                             -> encoder.layer.{i}.layernorm_after.*
-  encoder.blocks.{i}.fc1.*                               -> encoder.layer.{i}.intermediate.dense.*
-  encoder.blocks.{i}.fc2.*                               -> encoder.layer.{i}.output.dense.*
-  head.norm.*                                            -> layernorm.*
-  head.proj.*                                            -> ([DV] lm_head; dropped in export)
-The relative position index is not a parameter or buffer (HF regenerates it too).
+HF ``Data2VecVisionModel`` export and import (reference §6.2): the name map, the config fields and
+what is refused live in ``scaling/hf/vision.py``. The relative position index is not a parameter
+or buffer (HF regenerates it too).
 """
 
 from __future__ import annotations
