@@ -36,7 +36,15 @@ from typing import Optional
 
 import torch
 
-from scaling.checkpoint import CheckpointError, model_shape, open_part, read_recipe, read_state_dict, save_weights
+from scaling.checkpoint import (
+    CheckpointError,
+    model_changes,
+    model_shape,
+    open_part,
+    read_recipe,
+    read_state_dict,
+    save_weights,
+)
 from scaling.checkpoint.consolidate import DTYPES, consolidate
 from scaling.config import Recipe, load_recipe, recipe_from_dict
 
@@ -67,28 +75,18 @@ def _merge(tree: dict, over: dict) -> dict:
 
 
 def _check_shape(source: str, theirs: dict, recipe: Recipe) -> None:
-    """The weights' model settings must be the recipe's (for every field the source carries)."""
+    """The weights' architecture must be the recipe's, for every field the source carries (dropouts may differ)."""
     ours = model_shape(recipe.model)
     if "speech" in theirs:  # HF stores the pos-conv kernel, not the width it is derived from
         from scaling.models.speech import pos_conv_kernel
 
-        kernel = {k: pos_conv_kernel(s["conv_pos_width"], s["conv_pos_depth"]) for k, s in
-                  (("theirs", theirs["speech"]), ("ours", ours["speech"]))}
-        if kernel["theirs"] == kernel["ours"]:
+        kernel = [pos_conv_kernel(s["conv_pos_width"], s["conv_pos_depth"]) for s in (theirs["speech"], ours["speech"])]
+        if kernel[0] == kernel[1]:
             theirs = {**theirs, "speech": {**theirs["speech"], "conv_pos_width": ours["speech"]["conv_pos_width"]}}
-
-    def diff(a: dict, b: dict, prefix: str) -> list[str]:
-        out = []
-        for k, v in a.items():
-            if isinstance(v, dict) and isinstance(b.get(k), dict):
-                out += diff(v, b[k], f"{prefix}{k}.")
-            elif k in b and b[k] != v:
-                out.append(f"{prefix}{k}: {v!r} there, {b[k]!r} in the recipe")
-        return out
-
-    changed = diff(theirs, ours, "model.")
-    if changed:
-        raise ValueError(f"model.init_from={source}: its model differs from the recipe's: {'; '.join(changed)}")
+    architecture, _ = model_changes(theirs, ours, shared_only=True)
+    if architecture:
+        raise ValueError(f"model.init_from={source}: its model differs from the recipe's (weights -> recipe): "
+                         f"{'; '.join(architecture)}")
 
 
 def initial_weights(recipe: Recipe) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:

@@ -208,15 +208,17 @@ def test_deepspeed_resume_on_another_stage_or_world_is_refused(engine_checkpoint
         check_resume(ckpt, recipe, world_size=2, checkpoint_format="deepspeed")
 
 
-def test_a_changed_max_steps_resumes_with_a_warning_logged_to_mlflow(tmp_path, caplog):
+def test_a_changed_max_steps_or_dropout_resumes_with_a_warning_logged_to_mlflow(tmp_path, caplog):
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path}/mlruns.db"
     first = run(_vision(tmp_path, "train.max_steps=2", "tracking.enabled=true", f"tracking.uri={uri}"))
     with caplog.at_level(logging.WARNING, logger="scaling"):
-        resumed = run(_vision(tmp_path, "train.max_steps=4", "tracking.enabled=true", f"tracking.uri={uri}"))
+        resumed = run(_vision(tmp_path, "train.max_steps=4", "tracking.enabled=true", f"tracking.uri={uri}",
+                              "model.dropout=0.1"))
     assert resumed.start_step == 2 and resumed.mlflow_run_id == first.mlflow_run_id
-    message = "train.max_steps changed from 2 (in step_00000002) to 4"
-    assert any(message in r.getMessage() for r in caplog.records)
+    messages = ["train.max_steps changed from 2 (in step_00000002) to 4", "model.dropout 0.0 -> 0.1"]
     tags = MlflowClient(uri).get_run(resumed.mlflow_run_id).data.tags
-    assert message in tags["warning.resume_step_2"]
+    for message in messages:
+        assert any(message in r.getMessage() for r in caplog.records)
+        assert message in tags["warning.resume_step_2"]

@@ -122,7 +122,8 @@ def test_init_from_another_model_is_one_line(engine_checkpoints, tmp_path, capsy
                           "--set", "tracking.enabled=false"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
-    assert f"model.init_from={ckpt}: its model differs from the recipe's: model.ffn_dim: 128 there, 96" in err[0]
+    assert f"model.init_from={ckpt}: its model differs from the recipe's (weights -> recipe): model.ffn_dim 128 -> 96" \
+        in err[0]
     assert not (tmp_path / "run").exists()
 
 

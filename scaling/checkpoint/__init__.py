@@ -23,6 +23,7 @@ from scaling.checkpoint.checkpointer import (
     Checkpointer,
     NonFiniteStateError,
     check_resume,
+    model_changes,
     model_shape,
     resume_path,
     save_weights,
@@ -61,6 +62,6 @@ def read_recipe(checkpoint: str | Path):
 
 __all__ = [
     "CheckpointError", "Checkpointer", "NonFiniteStateError", "FORMAT_VERSION", "TensorInfo", "TensorSource",
-    "check_resume", "check_intact", "find_latest", "model_shape", "open_part", "read_meta", "read_recipe",
+    "check_resume", "check_intact", "find_latest", "model_changes", "model_shape", "open_part", "read_meta", "read_recipe",
     "read_state_dict", "resolve", "resume_path", "save_weights",
 ]

@@ -76,22 +76,36 @@ def resume_path(cfg: CheckpointConfig) -> Path | None:
     return layout.resolve(cfg.resume)
 
 
-def _differences(old: dict, new: dict, prefix: str) -> list[str]:
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k} {a!r} -> {b!r}")
-    return out
+# Model settings that change no tensor: a resume or model.init_from may change them.
+REGULARISATION = {"model.dropout", "model.attention_dropout", "model.activation_dropout", "model.speech.feature_dropout",
+                  "model.speech.layerdrop", "model.vision.drop_path"}
+
+
+def model_changes(old: dict, new: dict, *, shared_only: bool = False) -> tuple[list[str], list[str]]:
+    """Between two model sections (``model_shape``): (changes of the architecture, changes of
+    :data:`REGULARISATION` settings), each ``model.key old -> new``. ``shared_only``: a key that
+    only one side has is not a change."""
+    changes = []
+
+    def walk(a: dict, b: dict, prefix: str) -> None:
+        for k in sorted(set(a) | set(b)):
+            if shared_only and (k not in a or k not in b):
+                continue
+            x, y = a.get(k), b.get(k)
+            if isinstance(x, dict) and isinstance(y, dict):
+                walk(x, y, f"{prefix}{k}.")
+            elif x != y:
+                changes.append((f"{prefix}{k}", f"{prefix}{k} {x!r} -> {y!r}"))
+
+    walk(old, new, "model.")
+    return [c for k, c in changes if k not in REGULARISATION], [c for k, c in changes if k in REGULARISATION]
 
 
 def check_resume(ckpt: Path, recipe: Recipe, *, world_size: int, checkpoint_format: str) -> list[str]:
     """Whether a run of ``recipe`` on ``world_size`` ranks, whose engine writes ``checkpoint_format``,
     can resume from ``ckpt``. Raises CheckpointError (one line) for what cannot resume: another engine
-    format, another model shape, a weights-only checkpoint, DeepSpeed on another ZeRO stage or world
-    size. Returns warnings for what resumes but changes the run (``train.max_steps``)."""
+    format, another model architecture, a weights-only checkpoint, DeepSpeed on another ZeRO stage or
+    world size. Returns warnings for what resumes but changes the run (``train.max_steps``, dropouts)."""
     meta = layout.check_intact(ckpt)
     verify(ckpt, meta)  # nothing below, and nothing the engine later reads, may run code
     if meta.get("weights_only"):
@@ -111,11 +125,11 @@ def check_resume(ckpt: Path, recipe: Recipe, *, world_size: int, checkpoint_form
             raise CheckpointError(f"{ckpt} was written by {meta['world_size']} ranks; DeepSpeed resumes only on "
                                   f"{meta['world_size']} ranks (this job has {world_size}). Convert it with "
                                   "DeepSpeed's ds_to_universal, or resume on the same world size")
-    changed = _differences(meta["model"], model_shape(recipe.model), "model.")
-    if changed:
-        raise CheckpointError(f"{ckpt} holds another model: {'; '.join(changed)}. Resume with the checkpoint's "
+    architecture, regularisation = model_changes(meta["model"], model_shape(recipe.model))
+    if architecture:
+        raise CheckpointError(f"{ckpt} holds another model: {'; '.join(architecture)}. Resume with the checkpoint's "
                               f"model settings, or start a new run (checkpoint.resume=never or another checkpoint.dir)")
-    warnings = []
+    warnings = [f"{change} (in {ckpt.name} -> now)" for change in regularisation]
     if int(meta["max_steps"]) != recipe.train.max_steps:
         warnings.append(f"train.max_steps changed from {meta['max_steps']} (in {ckpt.name}) to "
                         f"{recipe.train.max_steps}: the LR and EMA schedules are re-planned over the new length "
