@@ -221,6 +221,9 @@ class CheckpointConfig:
     every_steps: int = 1000
     keep_last: int = 3
     resume: str = "auto"  # auto: newest complete checkpoint in dir, if any; never; or a path
+    # fsdp: stage the state to host memory and write it in the background (DCP async_save); the
+    # checkpoint completes at the next save or at the end of the run.
+    async_save: bool = False
 
 
 @dataclass
@@ -418,6 +421,8 @@ def validate(r: Recipe, source: str) -> None:
         fail("engine.zero_stage", "must be 1, 2 or 3")
     if r.engine.replicas < 1:
         fail("engine.replicas", "must be at least 1")
+    if r.checkpoint.async_save and r.engine.name != "fsdp":
+        fail("checkpoint.async_save", f"needs engine.name=fsdp (DCP async_save), not {r.engine.name}")
     if r.train.precision == "fp16" and r.engine.name == "fsdp":
         fail("train.precision", "fp16 needs dynamic loss scaling: use bf16 with fsdp, or fp16 with deepspeed")
 

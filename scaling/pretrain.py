@@ -120,6 +120,7 @@ def run(recipe: Recipe, *, stop_at_step: int | None = None, gather_state: bool =
                   f"steps {start_step}->{min(recipe.train.max_steps, stop_at_step or recipe.train.max_steps)}",
                   flush=True)
         history = trainer.run(start_step=start_step, stop_at_step=stop_at_step)
+        checkpointer.wait()  # an asynchronous last save completes before the run ends
         full_state = engine.full_state_dict() if gather_state else None
     return RunResult(history, start_step, trainer.step, find_latest(Path(recipe.checkpoint.dir)), tracker.run_id,
                      trainer.memory, full_state, engine.rank)

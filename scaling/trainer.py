@@ -186,7 +186,9 @@ class Trainer:
             problems.append(f"pred_var {stats.pred_var:.4g} < monitor.min_pred_var {m.min_pred_var}")
         if problems:
             try:
-                saved = f"Checkpoint written to {self.save()}."
+                path = self.save()
+                self.checkpointer.wait()
+                saved = f"Checkpoint written to {path}."
             except NonFiniteStateError as exn:  # a diverged state is never saved over good checkpoints
                 saved = str(exn)
             raise CollapseError(f"step {self.step}: representation collapse: {'; '.join(problems)}. {saved}")

@@ -3,8 +3,9 @@
 Two spawns carry every distributed check (each spawn costs seconds of start-up on 2 cores):
 - ``fsdp_runs``: speech (student resharded after forward) and vision (not resharded), 10 fp32 steps
   each, with collective counters and an EMA probe installed in every rank;
-- ``sequence_runs``: speech stopped at step 5 (checkpoint), resumed to step 10, a bf16 smoke run and
-  a hybrid-shard (``engine.replicas=2``) run, one after the other in the same two processes.
+- ``sequence_runs``: speech stopped at step 5 (checkpoint), resumed to step 10, the same with
+  ``checkpoint.async_save``, a bf16 smoke run and a hybrid-shard (``engine.replicas=2``) run, one
+  after the other in the same two processes.
 
 Speech clips are all cropped to 8000 samples (``data.speech.max_samples=8000``): with padding, the
 speech model's result depends on how far a micro-batch is padded (the second positional-conv layer
@@ -149,13 +150,16 @@ def fsdp_runs(tmp_dir):
 @pytest.fixture(scope="module")
 def sequence_runs(tmp_dir):
     resume = _fsdp(tmp_dir, "resume", SPEECH_EQUAL_LENGTHS, "checkpoint.every_steps=5")
+    async_resume = _fsdp(tmp_dir, "async", SPEECH_EQUAL_LENGTHS, "checkpoint.every_steps=5", "checkpoint.async_save=true")
     jobs = [("speech", resume, 5),
             ("speech", resume + ["checkpoint.resume=auto"], None),
+            ("speech", async_resume, 5),
+            ("speech", async_resume + ["checkpoint.resume=auto"], None),
             ("speech", _fsdp(tmp_dir, "bf16", SPEECH_EQUAL_LENGTHS, "train.precision=bf16"), 3),
             ("speech", _fsdp(tmp_dir, "hsdp", SPEECH_EQUAL_LENGTHS, "engine.replicas=2",
                              "engine.activation_checkpointing=true", "train.micro_batch_size=2"), 3)]
     ranks = spawn(_run_jobs, jobs, [free_port() for _ in jobs[1:]])
-    return dict(zip(["stopped", "resumed", "bf16", "hsdp"], zip(*ranks)))
+    return dict(zip(["stopped", "resumed", "async_stopped", "async_resumed", "bf16", "hsdp"], zip(*ranks)))
 
 
 def _teacher(state: dict) -> dict:
@@ -225,6 +229,20 @@ def test_resume_from_sharded_checkpoint(tmp_dir, fsdp_runs, sequence_runs):
         torch.testing.assert_close(resumed[0]["state"][k], v, rtol=0, atol=1e-6, msg=k)
     step5 = tmp_dir / "resume" / "step_00000005"
     assert (step5 / "dcp").is_dir() and (step5 / "scheduler.pt").is_file()
+
+
+def test_async_save_writes_the_same_checkpoint_and_resumes_exactly(tmp_dir, fsdp_runs, sequence_runs):
+    from scaling.checkpoint import read_state_dict
+
+    full = fsdp_runs["speech"]
+    for r in range(2):
+        assert sequence_runs["async_stopped"][r]["step"] == 5
+        torch.testing.assert_close(torch.tensor(sequence_runs["async_resumed"][r]["losses"]),
+                                   torch.tensor(full[r]["losses"][5:]), rtol=0, atol=1e-6)
+    for part in ("student", "teacher"):  # written in the background, the same bytes as a blocking save
+        sync, background = (read_state_dict(tmp_dir / name / "step_00000005", part) for name in ("resume", "async"))
+        assert sync.keys() == background.keys() and all(torch.equal(sync[k], background[k]) for k in sync)
+    assert sorted(p.name for p in (tmp_dir / "async").iterdir()) == ["step_00000005", "step_00000010"]
 
 
 def test_bf16_smoke(fsdp_runs, sequence_runs):

@@ -171,12 +171,21 @@ def save_weights(out: str | Path, recipe: Recipe, student: dict, teacher: dict, 
 
 
 class Checkpointer:
+    """Save and load a run's checkpoints (every rank calls every method).
+
+    With ``checkpoint.async_save`` (fsdp), a save stages the sharded state to host memory and returns
+    while a background thread writes it; the checkpoint is completed (meta.json, COMPLETE, rename,
+    pruning) by :meth:`wait`, which the next save and the end of the run call. Until then it is a
+    ``.tmp_step_*`` directory that no resume picks."""
+
     def __init__(self, cfg: CheckpointConfig, engine, recipe: Recipe):
         self.cfg = cfg
         self.engine = engine
         self.recipe = recipe
         self.directory = Path(cfg.dir)
         self.format = FORMATS[engine.checkpoint_format]
+        self._pending = None  # (future, tmp, final, step) of an asynchronous save in flight
+        self._side_group = None  # the async writer's own process group (its collectives run beside training's)
 
     # ------------------------------------------------------------------ save
     def _check_finite(self, step: int) -> None:
@@ -192,6 +201,8 @@ class Checkpointer:
                 f"set optim.grad_clip). Previous checkpoints are kept" + (f", the newest is {latest}" if latest else ""))
 
     def save(self, step: int, train_state: dict) -> Path:
+        """Write (or, asynchronously, start writing) the checkpoint of ``step``; returns its directory."""
+        self.wait()  # one save in flight at most, and a refusal below keeps the previous one complete
         self._check_finite(step)
         engine = self.engine
         final, tmp = layout.step_dir(self.directory, step), layout.tmp_dir(self.directory, step)
@@ -199,9 +210,32 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         engine.barrier()
-        self.format.save(engine, tmp)
+        if self.cfg.async_save:
+            if self._side_group is None:
+                import torch.distributed as dist
+
+                self._side_group = dist.new_group(backend="gloo")
+            future = self.format.save_async(engine, tmp, process_group=self._side_group)
+        else:
+            self.format.save(engine, tmp)
+            future = None
         # Per-rank state (RNG streams differ per rank); step and data position are the same everywhere.
         torch.save({**train_state, "rng": rng_state()}, layout.train_state_file(tmp, engine.rank))
+        self._pending = (future, tmp, final, step)
+        if future is None:
+            self.wait()
+        return final
+
+    def wait(self) -> None:
+        """Complete the save in flight, if any: every rank's files written, then meta.json (with their
+        sizes), COMPLETE and the rename, then pruning."""
+        if self._pending is None:
+            return
+        future, tmp, final, step = self._pending
+        self._pending = None
+        if future is not None:
+            future.result()
+        engine = self.engine
         engine.barrier()
         if engine.rank == 0:
             (tmp / layout.RECIPE).write_text(to_yaml(self.recipe))
@@ -212,7 +246,6 @@ class Checkpointer:
             tmp.rename(final)
             self._prune()
         engine.barrier()
-        return final
 
     def _prune(self) -> None:
         if self.cfg.keep_last <= 0:

@@ -147,6 +147,19 @@ class DCPFormat:
             torch.save({"scheduler": state["scheduler"]}, ckpt / cls.SCHEDULER)
 
     @classmethod
+    def save_async(cls, engine, ckpt: Path, *, process_group):
+        """Stage the sharded state to host memory now, write it in a background thread (collectives on
+        ``process_group``, not the training group); returns the future of the write."""
+        import torch.distributed.checkpoint as dcp
+
+        state = engine.state_dict()
+        future = dcp.async_save({k: state[k] for k in cls.SHARDED}, checkpoint_id=ckpt / cls.DIR,
+                                process_group=process_group)
+        if engine.rank == 0:
+            torch.save({"scheduler": state["scheduler"]}, ckpt / cls.SCHEDULER)
+        return future
+
+    @classmethod
     def load(cls, engine, ckpt: Path) -> None:
         state = engine.state_dict()
         sharded = {k: state[k] for k in cls.SHARDED}
