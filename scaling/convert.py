@@ -60,7 +60,7 @@ def to_hf(checkpoint: str | Path, out_dir: str | Path, *, part: str = "student",
     if part not in ("student", "teacher"):
         raise ValueError(f"--part must be student or teacher for to-hf, got {part!r}")
     ckpt, _, source = open_part(checkpoint, "student")
-    state = {name: source.read(name) for name in source.infos}
+    state = source.read(list(source.infos))
     if part == "teacher":  # the EMA-updated encoder replaces the student's; shared parts stay
         state.update(read_state_dict(ckpt, "teacher"))
     return export_pretrained(read_recipe(ckpt), state, out_dir, tokenizer=tokenizer)

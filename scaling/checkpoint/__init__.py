@@ -47,7 +47,7 @@ def open_part(checkpoint: str | Path, part: str = "student") -> tuple[Path, dict
 def read_state_dict(checkpoint: str | Path, part: str = "student") -> dict[str, torch.Tensor]:
     """Every tensor of ``part`` (fp32 as trained), from any engine's checkpoint, in this process."""
     _, _, source = open_part(checkpoint, part)
-    return {name: source.read(name) for name in source.infos}
+    return source.read(list(source.infos))
 
 
 def read_recipe(checkpoint: str | Path):

@@ -6,8 +6,9 @@ enough to stream: 8 bytes of little-endian header length, a JSON header giving e
 shape and byte range, padded with spaces to a multiple of 8, then the tensors' bytes back to back
 (https://github.com/huggingface/safetensors, "Format"). The header is known before any tensor is
 read (names, shapes and dtypes come from the checkpoint's metadata), so each tensor is read from the
-checkpoint, converted, written and dropped before the next: peak memory is about the largest
-tensor plus a fixed overhead. The result is read back by ``safetensors.safe_open`` in the tests.
+checkpoint, converted, written and dropped before the next (read in runs of at most 16 MiB, so that a DCP
+checkpoint is not re-planned per tensor): peak memory is about max(16 MiB, the largest tensor) plus a
+fixed overhead. The result is read back by ``safetensors.safe_open`` in the tests.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ _DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+READ_BYTES = 16 * 2**20  # read at once (a larger tensor alone): bounds the memory, and the reads per file
+
+
 def consolidate(checkpoint: str | Path, out: str | Path, *, part: str = "student",
                 dtype: torch.dtype | None = None) -> dict:
     """Write ``part`` (``student``, ``teacher`` or ``both``) of a checkpoint to the safetensors file
@@ -34,20 +38,23 @@ def consolidate(checkpoint: str | Path, out: str | Path, *, part: str = "student
     teacher); with ``both``, prefixed ``student.`` / ``teacher.``. ``dtype`` converts floating tensors
     (default: as stored, fp32). Returns what was written: path, step, tensor count and bytes."""
     parts = ["student", "teacher"] if part == "both" else [part]
-    plan, ckpt, meta = [], None, None
+    sources = []  # (key prefix, source) in file order
     for p in parts:
         ckpt, meta, source = open_part(checkpoint, p)
-        prefix = f"{p}." if part == "both" else ""
-        for name, info in source.infos.items():
-            out_dtype = dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
-            plan.append((prefix + name, source, name, info.shape, out_dtype))
+        sources.append((f"{p}." if part == "both" else "", source))
+
+    def out_dtype(info) -> torch.dtype:
+        return dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
+
     header: dict = {"__metadata__": {"format": "pt", "scaling.part": part, "scaling.step": str(meta["step"]),
                                      "scaling.model": json.dumps(meta["model"])}}
     offset = 0
-    for key, _, _, shape, out_dtype in plan:
-        nbytes = math.prod(shape) * out_dtype.itemsize
-        header[key] = {"dtype": _DTYPE_CODES[out_dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
+    for prefix, source in sources:
+        for name, info in source.infos.items():
+            nbytes = math.prod(info.shape) * out_dtype(info).itemsize
+            header[prefix + name] = {"dtype": _DTYPE_CODES[out_dtype(info)], "shape": list(info.shape),
+                                     "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
 
@@ -57,10 +64,12 @@ def consolidate(checkpoint: str | Path, out: str | Path, *, part: str = "student
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for key, source, name, _, out_dtype in plan:
-            t = source.read(name).to(out_dtype).contiguous()
-            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
-            del t
+        for _, source in sources:  # the header's order
+            for names in source.batches(READ_BYTES):
+                tensors = source.read(names)
+                for name in names:
+                    t = tensors.pop(name).to(out_dtype(source.infos[name])).contiguous()
+                    f.write(t.reshape(-1).view(torch.uint8).numpy().data)
     os.replace(tmp, out)
-    return {"path": str(out), "checkpoint": str(ckpt), "step": int(meta["step"]), "tensors": len(plan),
-            "bytes": offset}
+    return {"path": str(out), "checkpoint": str(ckpt), "step": int(meta["step"]),
+            "tensors": sum(len(source.infos) for _, source in sources), "bytes": offset}

@@ -76,17 +76,33 @@ class TensorInfo:
 
 
 class TensorSource:
-    """One part's tensors in a checkpoint, by name, read one at a time."""
+    """One part's tensors in a checkpoint, by name: ``read(names)`` materialises just those."""
 
-    def __init__(self, infos: dict[str, TensorInfo], read: Callable[[str], torch.Tensor]):
+    def __init__(self, infos: dict[str, TensorInfo], read_one: Callable[[str], torch.Tensor] | None = None,
+                 read_many: Callable[[list[str]], dict[str, torch.Tensor]] | None = None):
+        assert (read_one is None) != (read_many is None)
         self.infos = infos
-        self._read = read
+        self._read_many = read_many or (lambda names: {n: read_one(n) for n in names})
 
-    def read(self, name: str) -> torch.Tensor:
-        t = self._read(name)
-        info = self.infos[name]
-        assert tuple(t.shape) == info.shape and t.dtype == info.dtype, (name, tuple(t.shape), t.dtype, info)
-        return t
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        out = self._read_many(names)
+        for name in names:
+            info = self.infos[name]
+            t = out[name]
+            assert tuple(t.shape) == info.shape and t.dtype == info.dtype, (name, tuple(t.shape), t.dtype, info)
+        return out
+
+    def batches(self, budget_bytes: int) -> list[list[str]]:
+        """The names in order, in runs of at most ``budget_bytes`` (a larger tensor alone): what one
+        read should ask for when memory is to stay bounded (one DCP load per run, not per tensor)."""
+        runs, size = [[]], 0
+        for name, info in self.infos.items():
+            if runs[-1] and size + info.nbytes > budget_bytes:
+                runs.append([])
+                size = 0
+            runs[-1].append(name)
+            size += info.nbytes
+        return [r for r in runs if r]
 
 
 # ============================================================================= full (single, ddp)
@@ -115,11 +131,11 @@ class FullFormat:
         with open_safetensors(path) as f:
             infos = {k[len(prefix):]: _safetensors_info(f.get_slice(k)) for k in f.keys() if k.startswith(prefix)}
 
-        def read(name: str) -> torch.Tensor:
-            with open_safetensors(path) as f:  # re-opened per tensor: the previous memory map is dropped
-                return f.get_tensor(prefix + name)
+        def read(names: list[str]) -> dict[str, torch.Tensor]:
+            with open_safetensors(path) as f:  # re-opened per read: the previous memory map is dropped
+                return {n: f.get_tensor(prefix + n) for n in names}
 
-        return TensorSource(infos, read)
+        return TensorSource(infos, read_many=read)
 
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -176,15 +192,16 @@ class DCPFormat:
                  for fqn, md in metadata.state_dict_metadata.items()
                  if fqn.startswith(prefix) and isinstance(md, TensorStorageMetadata)}
 
-        def read(name: str) -> torch.Tensor:
-            info = infos[name]
-            t = torch.empty(info.shape, dtype=info.dtype)
+        def read(names: list[str]) -> dict[str, torch.Tensor]:
+            # One load for all of them: each load reads the whole metadata and plans, which per tensor
+            # would cost O(tensors^2) on a large model.
+            state = {prefix + n: torch.empty(infos[n].shape, dtype=infos[n].dtype) for n in names}
             with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                dcp_load({prefix + name: t}, ckpt / cls.DIR, no_dist=True)
-            return t
+                dcp_load(state, ckpt / cls.DIR, no_dist=True)
+            return {n: state[prefix + n] for n in names}
 
-        return TensorSource(infos, read)
+        return TensorSource(infos, read_many=read)
 
 
 # ============================================================================= deepspeed
@@ -263,7 +280,7 @@ class DeepSpeedFormat:
                     pieces.append(f.get_slice(key)[lo:hi])
             return torch.cat(pieces).view(p["shape"])
 
-        return TensorSource(infos, read)
+        return TensorSource(infos, read_one=read)
 
     @classmethod
     def _student_source(cls, ckpt: Path, world: int) -> TensorSource:
@@ -323,7 +340,7 @@ class DeepSpeedFormat:
                 del groups
             return torch.cat(pieces)[: math.prod(shape)].view(shape)
 
-        return TensorSource(infos, read)
+        return TensorSource(infos, read_one=read)
 
 
 def _split(offset: int, count: int, bounds: list[int]) -> list[tuple[int, int, int]]:
