@@ -282,13 +282,14 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     if parent is None:
         return raw
     base = _read_yaml(path.parent / parent, chain + (path,))
-    return _merge(base, raw)
+    return merge(base, raw)
 
 
-def _merge(base: dict, over: dict) -> dict:
+def merge(base: dict, over: dict) -> dict:
+    """``over`` merged into ``base``, section by section (a recipe over its ``extends:`` parent)."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 

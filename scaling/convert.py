@@ -46,7 +46,7 @@ from scaling.checkpoint import (
     save_weights,
 )
 from scaling.checkpoint.consolidate import DTYPES, consolidate
-from scaling.config import Recipe, load_recipe, recipe_from_dict
+from scaling.config import Recipe, load_recipe, merge, recipe_from_dict
 
 REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -67,13 +67,6 @@ def to_hf(checkpoint: str | Path, out_dir: str | Path, *, part: str = "student",
 
 
 # ============================================================================= from-hf and model.init_from
-def _merge(tree: dict, over: dict) -> dict:
-    out = dict(tree)
-    for k, v in over.items():
-        out[k] = _merge(out.get(k, {}), v) if isinstance(v, dict) else v
-    return out
-
-
 def _check_shape(source: str, theirs: dict, recipe: Recipe) -> None:
     """The weights' architecture must be the recipe's, for every field the source carries (dropouts may differ)."""
     ours = model_shape(recipe.model)
@@ -131,8 +124,8 @@ def from_hf(hf_dir: str | Path, out_ckpt: str | Path, *, recipe: Optional[str | 
                              "masking and optimisation settings the continued pretraining should use")
     base = load_recipe(recipe, overrides)
     tree = dataclasses.asdict(base)
-    tree["model"] = _merge(tree["model"], section)
-    tree["data"] = _merge(tree["data"], data_hints)
+    tree["model"] = merge(tree["model"], section)
+    tree["data"] = merge(tree["data"], data_hints)
     tree["model"]["init_from"] = ""
     r = recipe_from_dict(tree, f"{recipe} with the model of {hf_dir}")
     torch.manual_seed(r.seed)  # the regression head starts as a run of this recipe would start it

@@ -247,10 +247,19 @@ class DeepSpeedFormat:
                                   f"{state['teacher_layout']['world_size']} ranks")
         engine.load_state_dict({"teacher": tensors})
 
-    @staticmethod
-    def _read_teacher_file(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    @classmethod
+    def _read_teacher_file(cls, path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         tensors, metadata = read_safetensors(path)
-        return json.loads(metadata["layout"]), tensors
+        return cls._layout(path, metadata), tensors
+
+    @staticmethod
+    def _layout(path: Path, metadata: dict | None) -> dict:
+        try:
+            layout = json.loads((metadata or {})["layout"])
+            assert isinstance(layout, dict) and {"stage", "world_size", "params"} <= set(layout)
+        except (KeyError, ValueError, AssertionError):
+            raise CheckpointError(f"{path}: damaged, no teacher partition layout in its metadata") from None
+        return layout
 
     # ------------------------------------------------------------------ offline
     @classmethod
@@ -262,7 +271,7 @@ class DeepSpeedFormat:
     def _teacher_source(cls, ckpt: Path, world: int) -> TensorSource:
         files = [cls.teacher_file(ckpt, r) for r in range(world)]
         with open_safetensors(files[0]) as f:
-            layout = json.loads(f.metadata()["layout"])
+            layout = cls._layout(files[0], f.metadata())
         infos = {f"encoder.{name}": TensorInfo(tuple(p["shape"]), torch.float32) for name, p in layout["params"].items()}
 
         def read(name: str) -> torch.Tensor:

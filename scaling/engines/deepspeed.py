@@ -46,6 +46,7 @@ offsets, shapes), which scaling.checkpoint's ``deepspeed`` format writes per ran
 from __future__ import annotations
 
 import sys
+
 import torch
 import torch.distributed as dist
 from torch import nn
