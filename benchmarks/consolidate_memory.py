@@ -31,14 +31,12 @@ REPO = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import json, resource, sys
 sys.path.insert(0, {repo!r})
-from scaling.checkpoint import open_part
+from scaling.checkpoint import open_parts
 from scaling.checkpoint.consolidate import consolidate
 ckpt, out, mode, result = sys.argv[1:5]
-infos = {{}}
-for part in ("student", "teacher"):
-    _, _, source = open_part(ckpt, part)
-    infos.update({{f"{{part}}.{{k}}": v.nbytes for k, v in source.infos.items()}})
-    del source
+_, _, sources = open_parts(ckpt)
+infos = {{f"{{part}}.{{k}}": v.nbytes for part, source in sources.items() for k, v in source.infos.items()}}
+del sources
 if mode == "consolidate":
     consolidate(ckpt, out, part="both")
 json.dump({{"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

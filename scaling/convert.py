@@ -40,9 +40,8 @@ from scaling.checkpoint import (
     CheckpointError,
     model_changes,
     model_shape,
-    open_part,
+    open_parts,
     read_recipe,
-    read_state_dict,
     save_weights,
 )
 from scaling.checkpoint.consolidate import DTYPES, consolidate
@@ -59,10 +58,10 @@ def to_hf(checkpoint: str | Path, out_dir: str | Path, *, part: str = "student",
 
     if part not in ("student", "teacher"):
         raise ValueError(f"--part must be student or teacher for to-hf, got {part!r}")
-    ckpt, _, source = open_part(checkpoint, "student")
-    state = source.read(list(source.infos))
-    if part == "teacher":  # the EMA-updated encoder replaces the student's; shared parts stay
-        state.update(read_state_dict(ckpt, "teacher"))
+    ckpt, _, sources = open_parts(checkpoint, ["student", part] if part == "teacher" else ["student"])
+    state = {}
+    for source in sources.values():  # the teacher's encoder replaces the student's; shared parts stay
+        state.update(source.read(list(source.infos)))
     return export_pretrained(read_recipe(ckpt), state, out_dir, tokenizer=tokenizer)
 
 
@@ -95,9 +94,9 @@ def initial_weights(recipe: Recipe) -> tuple[dict[str, torch.Tensor], dict[str, 
         section, tensors, _ = import_pretrained(path)
         _check_shape(source, section, recipe)
         return tensors, None
-    ckpt, meta, _ = open_part(path, "student")
+    _, meta, sources = open_parts(path)
     _check_shape(source, meta["model"], recipe)
-    return read_state_dict(ckpt, "student"), read_state_dict(ckpt, "teacher")
+    return tuple(s.read(list(s.infos)) for s in (sources["student"], sources["teacher"]))
 
 
 def load_initial_weights(student: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:

@@ -8,7 +8,7 @@
 - ``checkpointer``: the save/resume logic the training loop uses, and the resume compatibility check.
 - ``consolidate``: one streamed safetensors file of the student and/or teacher.
 
-Tools read checkpoints only through :func:`open_part` / :func:`read_state_dict` /
+Tools read checkpoints only through :func:`open_parts` / :func:`open_part` / :func:`read_state_dict` /
 :func:`read_recipe` here: a ``checkpoint`` argument is a checkpoint directory or a run's
 ``checkpoint.dir`` (its newest intact checkpoint).
 """
@@ -33,15 +33,24 @@ from scaling.checkpoint.layout import FORMAT_VERSION, RECIPE, check_intact, find
 from scaling.checkpoint.safe import CheckpointError
 
 
-def open_part(checkpoint: str | Path, part: str = "student") -> tuple[Path, dict, TensorSource]:
-    """(the resolved checkpoint directory, its meta, a source of ``part``'s tensors). ``part``:
-    ``student`` (keys of ``Data2Vec.state_dict()``) or ``teacher`` (``encoder.*``, the EMA teacher)."""
-    if part not in PARTS:
-        raise ValueError(f"part must be one of {PARTS}, got {part!r}")
+def open_parts(checkpoint: str | Path, parts=PARTS) -> tuple[Path, dict, dict[str, TensorSource]]:
+    """(the resolved checkpoint directory, its meta, a source of each part's tensors), its files
+    verified once. A part: ``student`` (keys of ``Data2Vec.state_dict()``) or ``teacher``
+    (``encoder.*``, the EMA teacher)."""
+    for part in parts:
+        if part not in PARTS:
+            raise ValueError(f"part must be one of {PARTS}, got {part!r}")
     ckpt = resolve(checkpoint)
     meta = check_intact(ckpt)
     verify(ckpt, meta)
-    return ckpt, meta, FORMATS[meta["checkpoint_format"]].source(ckpt, part, meta)
+    fmt = FORMATS[meta["checkpoint_format"]]
+    return ckpt, meta, {part: fmt.source(ckpt, part, meta) for part in parts}
+
+
+def open_part(checkpoint: str | Path, part: str = "student") -> tuple[Path, dict, TensorSource]:
+    """:func:`open_parts` of one part."""
+    ckpt, meta, sources = open_parts(checkpoint, [part])
+    return ckpt, meta, sources[part]
 
 
 def read_state_dict(checkpoint: str | Path, part: str = "student") -> dict[str, torch.Tensor]:
@@ -62,6 +71,6 @@ def read_recipe(checkpoint: str | Path):
 
 __all__ = [
     "CheckpointError", "Checkpointer", "NonFiniteStateError", "FORMAT_VERSION", "TensorInfo", "TensorSource",
-    "check_resume", "check_intact", "find_latest", "model_changes", "model_shape", "open_part", "read_meta", "read_recipe",
-    "read_state_dict", "resolve", "resume_path", "save_weights",
+    "check_resume", "check_intact", "find_latest", "model_changes", "model_shape", "open_part", "open_parts",
+    "read_meta", "read_recipe", "read_state_dict", "resolve", "resume_path", "save_weights",
 ]

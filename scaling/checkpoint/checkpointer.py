@@ -210,15 +210,14 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         engine.barrier()
-        if self.cfg.async_save:
+        if self.cfg.async_save:  # fsdp only (recipe validation)
             if self._side_group is None:
                 import torch.distributed as dist
 
                 self._side_group = dist.new_group(backend="gloo")
-            future = self.format.save_async(engine, tmp, process_group=self._side_group)
+            future = self.format.save(engine, tmp, async_group=self._side_group)
         else:
-            self.format.save(engine, tmp)
-            future = None
+            future = self.format.save(engine, tmp)
         # Per-rank state (RNG streams differ per rank); step and data position are the same everywhere.
         torch.save({**train_state, "rng": rng_state()}, layout.train_state_file(tmp, engine.rank))
         self._pending = (future, tmp, final, step)
@@ -257,8 +256,7 @@ class Checkpointer:
     def load(self, path: Path) -> dict:
         """Engine state, and the train state: ``step``, ``mlflow_run_id``, ``data_states`` (this
         rank's loader state; every old rank's when the world size changed) and ``same_world``."""
-        meta = layout.check_intact(path)
-        verify(path, meta)
+        meta = layout.check_intact(path)  # check_resume verified its files before the engine was built
         assert meta["checkpoint_format"] == self.engine.checkpoint_format, "check_resume runs before the engine"
         old_world, world = int(meta["world_size"]), self.engine.world_size
         self.format.load(self.engine, path)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from scaling.checkpoint import open_part
+from scaling.checkpoint import open_parts
 from scaling.checkpoint.formats import SAFETENSORS_DTYPES
 
 _DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
@@ -37,11 +37,8 @@ def consolidate(checkpoint: str | Path, out: str | Path, *, part: str = "student
     ``out``. Keys: the part's own (``Data2Vec.state_dict()`` keys for the student, ``encoder.*`` for the
     teacher); with ``both``, prefixed ``student.`` / ``teacher.``. ``dtype`` converts floating tensors
     (default: as stored, fp32). Returns what was written: path, step, tensor count and bytes."""
-    parts = ["student", "teacher"] if part == "both" else [part]
-    sources = []  # (key prefix, source) in file order
-    for p in parts:
-        ckpt, meta, source = open_part(checkpoint, p)
-        sources.append((f"{p}." if part == "both" else "", source))
+    ckpt, meta, by_part = open_parts(checkpoint, ["student", "teacher"] if part == "both" else [part])
+    sources = [(f"{p}." if part == "both" else "", source) for p, source in by_part.items()]  # file order
 
     def out_dtype(info) -> torch.dtype:
         return dtype if dtype is not None and info.dtype.is_floating_point else info.dtype

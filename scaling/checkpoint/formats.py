@@ -31,7 +31,7 @@ DeepSpeed student (offline). DeepSpeed keeps the fp32 master weights in each ran
 flat (plus ``param_alignment_paddings`` where recorded), which is cut into equal rank partitions;
 ZeRO-3 partitions every parameter on its own (``ceil(numel / world)`` elements per rank), and each
 rank's groups, concatenated, hold its partitions in ``param_shapes`` order. Files are memory-mapped
-and re-opened per tensor, so reading stays within about the largest tensor.
+and re-opened for each run of tensors read together, so mapped pages do not accumulate.
 """
 
 from __future__ import annotations
@@ -154,23 +154,19 @@ class DCPFormat:
     SHARDED = ("student", "teacher", "optim")  # the DCP part of FSDPEngine.state_dict()
 
     @classmethod
-    def save(cls, engine, ckpt: Path) -> None:
+    def save(cls, engine, ckpt: Path, *, async_group=None):
+        """Write every rank's shards. With ``async_group``: stage them to host memory now and write them
+        in a background thread whose collectives use that group, not the training one; returns the
+        future of the write (None otherwise)."""
         import torch.distributed.checkpoint as dcp
 
         state = engine.state_dict()
-        dcp.save({k: state[k] for k in cls.SHARDED}, checkpoint_id=ckpt / cls.DIR)
-        if engine.rank == 0:
-            torch.save({"scheduler": state["scheduler"]}, ckpt / cls.SCHEDULER)
-
-    @classmethod
-    def save_async(cls, engine, ckpt: Path, *, process_group):
-        """Stage the sharded state to host memory now, write it in a background thread (collectives on
-        ``process_group``, not the training group); returns the future of the write."""
-        import torch.distributed.checkpoint as dcp
-
-        state = engine.state_dict()
-        future = dcp.async_save({k: state[k] for k in cls.SHARDED}, checkpoint_id=ckpt / cls.DIR,
-                                process_group=process_group)
+        sharded = {k: state[k] for k in cls.SHARDED}
+        future = None
+        if async_group is None:
+            dcp.save(sharded, checkpoint_id=ckpt / cls.DIR)
+        else:
+            future = dcp.async_save(sharded, checkpoint_id=ckpt / cls.DIR, process_group=async_group)
         if engine.rank == 0:
             torch.save({"scheduler": state["scheduler"]}, ckpt / cls.SCHEDULER)
         return future
@@ -274,22 +270,29 @@ class DeepSpeedFormat:
             layout = cls._layout(files[0], f.metadata())
         infos = {f"encoder.{name}": TensorInfo(tuple(p["shape"]), torch.float32) for name, p in layout["params"].items()}
 
-        def read(name: str) -> torch.Tensor:
+        def ranges(name: str) -> tuple[str, list[tuple[int, int, int]]]:
+            """The safetensors key, and (rank, start, stop) of this parameter's elements in each file."""
             p = layout["params"][name[len("encoder."):]]
             numel = math.prod(p["shape"])
             if layout["stage"] == 3:  # every rank holds `partition` elements of this parameter
                 key, start, partition = name[len("encoder."):], 0, p["partition"]
             else:  # a range of the group's flat, which the ranks hold in equal consecutive slices
                 key, start, partition = p["group"], p["offset"], layout["partitions"][p["group"]]
-            pieces = []
-            for r in range(start // partition, (start + numel - 1) // partition + 1):
-                lo = max(start, r * partition) - r * partition
-                hi = min(start + numel, (r + 1) * partition) - r * partition
-                with open_safetensors(files[r]) as f:
-                    pieces.append(f.get_slice(key)[lo:hi])
-            return torch.cat(pieces).view(p["shape"])
+            return key, [(r, max(start, r * partition) - r * partition, min(start + numel, (r + 1) * partition) -
+                          r * partition) for r in range(start // partition, (start + numel - 1) // partition + 1)]
 
-        return TensorSource(infos, read_one=read)
+        def read(names: list[str]) -> dict[str, torch.Tensor]:
+            wanted = {n: ranges(n) for n in names}
+            pieces: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+            for r in range(world):  # each file opened once per run of tensors
+                here = [(n, key, lo, hi) for n, (key, spans) in wanted.items() for rank, lo, hi in spans if rank == r]
+                if here:
+                    with open_safetensors(files[r]) as f:
+                        for n, key, lo, hi in here:
+                            pieces[n].append(f.get_slice(key)[lo:hi])
+            return {n: torch.cat(pieces[n]).view(infos[n].shape) for n in names}
+
+        return TensorSource(infos, read_many=read)
 
     @classmethod
     def _student_source(cls, ckpt: Path, world: int) -> TensorSource:
@@ -330,26 +333,29 @@ class DeepSpeedFormat:
                     offset += math.prod(shape) + (paddings[g][i] if paddings is not None else 0)
         infos = {name: TensorInfo(shape, torch.float32) for name, (shape, _) in where.items()}
 
-        def read(name: str) -> torch.Tensor:
-            shape, spans = where[name]
-            pieces = []
-            for rank in range(world):
-                if stage != 3 and not any(_overlap(a, b, rank * sizes[g], (rank + 1) * sizes[g])
-                                          for g, a, b in spans):
-                    continue
-                _, groups = flats(rank)  # mapped again per tensor: only the touched pages are read
-                assert [t.numel() for t in groups] == sizes, f"{files[rank]}: partitions differ from rank 0's"
-                for g, a, b in spans:
-                    if stage == 3:  # each rank holds this parameter's own partition at [a, b) of group g
-                        pieces.append(groups[g][a:b].clone())
-                    else:  # the group's flat [a, b), of which this rank holds [rank * size, (rank + 1) * size)
-                        lo, hi = max(a, rank * sizes[g]), min(b, (rank + 1) * sizes[g])
-                        if lo < hi:
-                            pieces.append(groups[g][lo - rank * sizes[g]:hi - rank * sizes[g]].clone())
-                del groups
-            return torch.cat(pieces)[: math.prod(shape)].view(shape)
+        def holds(rank: int, name: str) -> bool:
+            return stage == 3 or any(_overlap(a, b, rank * sizes[g], (rank + 1) * sizes[g]) for g, a, b in where[name][1])
 
-        return TensorSource(infos, read_one=read)
+        def read(names: list[str]) -> dict[str, torch.Tensor]:
+            pieces: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+            for rank in range(world):
+                here = [n for n in names if holds(rank, n)]
+                if not here:
+                    continue
+                _, groups = flats(rank)  # mapped again per run of tensors: only the touched pages are read
+                assert [t.numel() for t in groups] == sizes, f"{files[rank]}: partitions differ from rank 0's"
+                for n in here:
+                    for g, a, b in where[n][1]:
+                        if stage == 3:  # each rank holds this parameter's own partition at [a, b) of group g
+                            pieces[n].append(groups[g][a:b].clone())
+                        else:  # the group's flat [a, b), of which this rank holds [rank * size, (rank + 1) * size)
+                            lo, hi = max(a, rank * sizes[g]), min(b, (rank + 1) * sizes[g])
+                            if lo < hi:
+                                pieces[n].append(groups[g][lo - rank * sizes[g]:hi - rank * sizes[g]].clone())
+                del groups
+            return {n: torch.cat(pieces[n])[: math.prod(infos[n].shape)].view(infos[n].shape) for n in names}
+
+        return TensorSource(infos, read_many=read)
 
 
 def _split(offset: int, count: int, bounds: list[int]) -> list[tuple[int, int, int]]:
