@@ -10,6 +10,8 @@ install_requires = [
     "soundfile>=0.12",
     "soxr>=0.3",
     "mlflow>=2.15",
+    "psutil>=5.9",  # MLflow's system metrics (CPU, memory); mlflow itself does not require it
+    "matplotlib>=3.5",  # the run's PNG plots (scaling/tracking.py); full mlflow pulls it too
     "safetensors>=0.4.3",
     "PyYAML>=6.0",
     "tqdm>=4.60",
@@ -34,6 +36,7 @@ setup(
     entry_points={
         "console_scripts": [
             "scaling-pretrain=scaling.pretrain:main",
+            "scaling-plan=scaling.plan_cli:main",
             "scaling-demo=scaling.demo:main",
             "scaling-probe=scaling.probe:main",
             "scaling-convert=scaling.convert:main",

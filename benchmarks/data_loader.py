@@ -12,7 +12,7 @@ exactly as the trainer drives it (one rank, base recipe data/model settings, a p
 - text: the standard library's docstrings -> sentencepiece tokenizer + shards (the demo's builder).
 
 ``--demo-db`` reads a finished demo's MLflow runs (experiments scaling-demo-<modality>) and prints the
-mean ``data_wait_share`` the trainer logged, against the 5% target.
+mean ``data/wait_share`` the trainer logged, against the 5% target.
 
     python benchmarks/data_loader.py [--quick] [--workers 1,2] [--batches 20] [--demo-db sqlite:///demo/mlruns.db]
 """
@@ -138,7 +138,7 @@ def image_folder(root: Path, workers: int, batch: int, decoder: str) -> tuple[It
     from torchvision.datasets import ImageFolder
     from torchvision.transforms import v2
 
-    recipe = load_recipe(REPO / "recipes" / "vision" / "base.yaml")
+    recipe = load_recipe(REPO / "recipes" / "vision" / "base.yaml", require_data=False)
     dc, size = recipe.data.vision, recipe.model.vision.image_size
     steps = [v2.PILToTensor()] if decoder == "pil" else []
     transform = v2.Compose(steps + [
@@ -191,7 +191,7 @@ def demo_wait(uri: str) -> list[str]:
             rows.append(f"| {m} | no run | | | | | |")
             continue
         run = runs[0]
-        hist = sorted(client.get_metric_history(run.info.run_id, "data_wait_share"), key=lambda x: x.step)
+        hist = sorted(client.get_metric_history(run.info.run_id, "data/wait_share"), key=lambda x: x.step)
         vals = [h.value for h in hist]  # one value per logged step: that step's data wait / step time
         mean = statistics.fmean(vals)
         rows.append(f"| {m} | {run.info.run_id[:8]} | {run.data.params.get('data.num_workers', '?')} | {len(vals)} | "
@@ -279,7 +279,7 @@ def main() -> None:
               "\non ~500x375 JPEGs. Ours also reads tar shards and draws a block mask per sample;"
               "\nImageFolder reads the same JPEGs from the folder they were sharded from.")
     if args.demo_db:
-        print(f"\nDemo data-wait share (trainer metric data_wait_share, target < {DATA_WAIT_TARGET:.0%}), "
+        print(f"\nDemo data-wait share (trainer metric data/wait_share, target < {DATA_WAIT_TARGET:.0%}), "
               f"{args.demo_db}\n")
         print("| modality | run | workers | logged steps | mean data_wait_share | median | mean < 5% |")
         print("|---|---|---|---|---|---|---|")

@@ -74,7 +74,7 @@ def encoder_params(recipe: str) -> tuple[int, int]:
     from scaling.models import build_model
     from scaling.models.speech import conv_output_length
 
-    r = load_recipe(ROOT / recipe)
+    r = load_recipe(ROOT / recipe, require_data=False)
     model = build_model(r.model)
     n = sum(p.numel() for p in model.encoder.parameters())
     if r.model.modality == "vision":

@@ -36,6 +36,16 @@ count_gpus() {
     "$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0
 }
 
+# preflight WORLD_SIZE ARGS...: the recipe, engine and batch plan checked once, before any rank starts,
+# so a bad key or a batch that does not split prints one line instead of one traceback per rank.
+# WORLD_SIZE 0: unknown here (a hostfile, an elastic node range); the recipe alone is checked.
+preflight() {
+    local world=$1
+    shift
+    [[ ${DRY_RUN:-0} == 1 ]] && return 0
+    "$PYTHON" -m scaling.pretrain "$recipe" "$@" --check --world-size "$world" || exit $?
+}
+
 launch() {
     echo "[launchers] $*" >&2
     [[ ${DRY_RUN:-0} == 1 ]] && exit 0

@@ -72,4 +72,12 @@ for a in "$@"; do
 done
 cmd+=(--module scaling.pretrain "$recipe" "${engine[@]}" "$@")
 
+# The runner's world size is known here only without a hostfile.
+world=0
+if [[ -z ${HOSTFILE:-} ]]; then
+    world=${NUM_GPUS:-$gpus}
+    (( world > 0 )) || world=2
+fi
+preflight "$world" "${engine[@]}" "$@"
+
 launch "${cmd[@]}"

@@ -53,4 +53,8 @@ fi
 [[ -z ${TORCHRUN_ARGS:-} ]] || cmd+=($TORCHRUN_ARGS)
 cmd+=(-m scaling.pretrain "$recipe" "$@")
 
+nodes=${NNODES:-1}
+[[ $nodes =~ ^[0-9]+$ ]] && world=$(( NPROC_PER_NODE * nodes )) || world=0   # MIN:MAX: elastic, unknown
+preflight "$world" "$@"
+
 launch "${cmd[@]}"

@@ -11,6 +11,7 @@ training starts. Each component receives only its own section.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ class RecipeError(ValueError):
 # ----------------------------------------------------------------------------- model
 @dataclass
 class SpeechModelConfig:
-    # (channels, kernel, stride) per conv layer: wav2vec 2.0 feature encoder (reference §3.2).
+    # (channels, kernel, stride) per conv layer: wav2vec 2.0 feature encoder (docs/data2vec.md §3.2).
     conv_layers: list[list[int]] = field(
         default_factory=lambda: [[512, 10, 5]] + [[512, 3, 2]] * 4 + [[512, 2, 2]] * 2
     )
@@ -67,7 +68,7 @@ class ModelConfig:
     attention_dropout: float = 0.1
     activation_dropout: float = 0.0
     layer_norm_eps: float = 1e-5
-    # Student regression head (reference §1.2): linear (speech final_proj), mlp (text regression_head,
+    # Student regression head (docs/data2vec.md §1.2): linear (speech final_proj), mlp (text regression_head,
     # D -> 2D -> D), norm_linear (vision: final LayerNorm then lm_head).
     head: Literal["linear", "mlp", "norm_linear"] = "linear"
     speech: SpeechModelConfig = field(default_factory=SpeechModelConfig)
@@ -83,7 +84,7 @@ class ModelConfig:
 @dataclass
 class SpeechMaskConfig:
     # fairseq compute_mask_indices: int(prob * T / length + U[0,1)) span starts of `length` frames
-    # (reference §3.2; published-numbers C2: 0.65 = start probability 0.065 x length 10).
+    # (docs/data2vec.md §3.2, §7.4: 0.65 = start probability 0.065 x length 10).
     prob: float = 0.65
     length: int = 10
     min_masks: int = 1
@@ -91,7 +92,7 @@ class SpeechMaskConfig:
 
 @dataclass
 class VisionMaskConfig:
-    # BEiT block-wise masking (reference §3.3): 120 of 196 patches for ViT-B.
+    # BEiT block-wise masking (docs/data2vec.md §3.3): 120 of 196 patches for ViT-B.
     ratio: float = 0.6122449  # 120 / 196
     min_block_patches: int = 16
     max_block_patches: int = 0  # 0: no limit beyond the remaining budget
@@ -100,7 +101,7 @@ class VisionMaskConfig:
 
 @dataclass
 class TextMaskConfig:
-    # Released text/pretraining/base.yaml (reference §3.4, §8.1): span starts with prob/span, span of 4,
+    # Released text/pretraining/base.yaml (docs/data2vec.md §3.4, §7.1): span starts with prob/span, span of 4,
     # every selected token replaced by <mask>. leave_unmasked/random_token give BERT 80/10/10.
     prob: float = 0.35
     span: int = 4
@@ -138,10 +139,13 @@ class EMAConfig:
 
 @dataclass
 class MonitorConfig:
-    # Collapse guard (reference §1.3): stop with a checkpoint once past `after_steps`.
+    # Collapse guard (docs/data2vec.md §1.3): stop with a checkpoint once past `after_steps`.
     min_target_var: float = 0.1
     min_pred_var: float = 0.01
     after_steps: int = 5000
+    # RankMe effective rank of the teacher targets (scaling/rankme.py; measured on log steps only, it
+    # costs an SVD): fire when it falls below this. 0 disables.
+    min_target_rank: float = 0.0
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -152,6 +156,8 @@ class OptimConfig:
     eps: float = 1e-6
     weight_decay: float = 0.01
     grad_clip: float = 0.0  # 0 disables clipping
+    # How the peak LR follows a global batch other than train.reference_batch (scaling/plan.py).
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
 
 
 @dataclass
@@ -166,10 +172,21 @@ class ScheduleConfig:
 
 @dataclass
 class TrainConfig:
+    # Optimizer steps at train.reference_batch (scaling.plan rescales it to keep the samples).
     max_steps: int = 1000
-    global_batch_size: int = 8
-    micro_batch_size: int = 8
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    global_batch_size: int = 8  # samples per optimizer step, job-wide
+    micro_batch_size: int = 8  # the most samples one rank takes in one forward
+    # Speech, as fairseq batches it: seconds of padded audio (batch size x longest clip, fairseq's
+    # max_tokens) per optimizer step job-wide, and the most per micro-batch and rank. When set (> 0)
+    # they replace global/micro_batch_size and the loader builds length-bucketed batches.
+    global_batch_seconds: float = 0.0
+    micro_batch_seconds: float = 0.0
+    # The global batch (same unit) at which max_steps, schedule.warmup_steps, ema.anneal_steps and
+    # optim.lr are stated; 0: the global batch itself. See scaling/plan.py.
+    reference_batch: float = 0.0
+    # auto: bf16 on CUDA devices that support it and on CPUs with bf16 units (avx512_bf16 / amx_bf16),
+    # else fp32 (autocast bf16 is slower than fp32 on AVX2-only CPUs). Resolved by scaling/plan.py.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "bf16"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = 10
 
@@ -178,7 +195,7 @@ class TrainConfig:
 @dataclass
 class SpeechDataConfig:
     sample_rate: int = 16000
-    max_samples: int = 320000  # random crop (reference §3.2)
+    max_samples: int = 320000  # random crop (docs/data2vec.md §3.2)
     min_samples: int = 32000  # shorter utterances are skipped
     normalize: bool = True
 
@@ -200,8 +217,8 @@ class TextDataConfig:
 @dataclass
 class DataConfig:
     # A webdataset brace pattern (shards/train-{000000..000009}.tar) or a comma-separated list;
-    # "synthetic" draws random samples (tests, smoke runs).
-    train_shards: str = "synthetic"
+    # "synthetic" draws random samples (tests, smoke runs). No default: a run must say what it reads.
+    train_shards: str = ""
     num_workers: int = 0  # DataLoader workers per rank; each reads its own run of the epoch
     shuffle_buffer: int = 256  # samples per shuffle window (encoded bytes are held in memory)
     # Bad input: a sample bigger than this is skipped as "oversized"; the run stops once more than
@@ -232,6 +249,9 @@ class TrackingConfig:
     uri: str = "sqlite:///mlruns.db"
     experiment: str = "scaling"
     run_name: str = ""
+    # Seconds between MLflow system-metric samples (CPU, memory, GPU; scaling/tracking.py). MLflow's
+    # default of 10 s leaves a short run with none; 0 turns system metrics off.
+    system_metrics_every_s: float = 5.0
 
 
 @dataclass
@@ -278,10 +298,17 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise RecipeError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe must be a mapping, got {type(raw).__name__}")
-    parent = raw.pop("extends", None)
-    if parent is None:
+    parents = raw.pop("extends", None)
+    if parents is None:
         return raw
-    base = _read_yaml(path.parent / parent, chain + (path,))
+    # One parent, or a list merged in order (model, run, cluster settings): later files win.
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+        raise RecipeError(f"{path}: 'extends' must be a file name or a list of them, got {parents!r}")
+    base: dict[str, Any] = {}
+    for parent in parents:
+        base = merge(base, _read_yaml(path.parent / parent, chain + (path,)))
     return merge(base, raw)
 
 
@@ -367,13 +394,18 @@ def _build(cls: type, values: dict, prefix: str, source: str):
     for k, v in values.items():
         key = f"{prefix}.{k}" if prefix else str(k)
         if k not in names:
-            raise RecipeError(f"{source}: unknown key '{key}' (known keys here: {', '.join(sorted(names))})")
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f"did you mean '{prefix + '.' if prefix else ''}{close[0]}'? " if close else ""
+            raise RecipeError(f"{source}: unknown key '{key}' ({hint}known keys here: {', '.join(sorted(names))})")
         kwargs[k] = _check_value(v, hints[k], key, source)
     return cls(**kwargs)
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Load a recipe file, apply ``key.path=value`` overrides, and validate every key."""
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, require_data: bool = True) -> Recipe:
+    """Load a recipe file, apply ``key.path=value`` overrides, and validate every key.
+
+    ``require_data=False``: for tools that read a recipe without training from it (planning,
+    conversion), an unset ``data.train_shards`` is not an error."""
     path = Path(path)
     tree = _read_yaml(path)
     source = str(path)
@@ -381,16 +413,16 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         _apply_override(tree, item)
     if overrides:
         source = f"{path} (with --set {' '.join(overrides)})"
-    return recipe_from_dict(tree, source)
+    return recipe_from_dict(tree, source, require_data=require_data)
 
 
-def recipe_from_dict(tree: dict, source: str = "<dict>") -> Recipe:
+def recipe_from_dict(tree: dict, source: str = "<dict>", *, require_data: bool = True) -> Recipe:
     recipe = _build(Recipe, tree, "", source)
-    validate(recipe, source)
+    validate(recipe, source, require_data=require_data)
     return recipe
 
 
-def validate(r: Recipe, source: str) -> None:
+def validate(r: Recipe, source: str, *, require_data: bool = True) -> None:
     """Cross-key checks that a type check cannot express."""
 
     def fail(key: str, why: str):
@@ -400,8 +432,17 @@ def validate(r: Recipe, source: str) -> None:
         fail("model.heads", f"must divide model.dim ({r.model.dim})")
     if not 1 <= r.objective.top_k <= r.model.depth:
         fail("objective.top_k", f"must be in 1..model.depth ({r.model.depth})")
-    if r.train.micro_batch_size <= 0 or r.train.global_batch_size <= 0:
+    t = r.train
+    if t.global_batch_seconds > 0 or t.micro_batch_seconds > 0:
+        if r.model.modality != "speech":
+            fail("train.global_batch_seconds", f"batches by seconds of audio, for speech only (this is "
+                 f"{r.model.modality}: use train.global_batch_size)")
+        if t.global_batch_seconds <= 0 or t.micro_batch_seconds <= 0:
+            fail("train.global_batch_seconds", "and train.micro_batch_seconds must be set together")
+    elif t.micro_batch_size <= 0 or t.global_batch_size <= 0:
         fail("train.global_batch_size", "and train.micro_batch_size must be positive")
+    if t.reference_batch < 0:
+        fail("train.reference_batch", "must be positive (or 0: the global batch)")
     if r.train.max_steps <= 0:
         fail("train.max_steps", "must be positive")
     if r.checkpoint.every_steps <= 0:
@@ -416,8 +457,9 @@ def validate(r: Recipe, source: str) -> None:
         fail("model.vision.patch_size", f"must divide model.vision.image_size ({r.model.vision.image_size})")
     if r.objective.loss == "smooth_l1" and r.objective.beta <= 0:
         fail("objective.beta", "must be positive for smooth_l1")
-    if not r.data.train_shards:
-        fail("data.train_shards", "is empty")
+    if require_data and not r.data.train_shards.strip():
+        fail("data.train_shards", "is not set: --set data.train_shards='/path/train-{000000..000099}.tar' "
+             "(a webdataset pattern, pipe: command or URL), or 'synthetic' for random data")
     if r.engine.zero_stage not in (1, 2, 3):
         fail("engine.zero_stage", "must be 1, 2 or 3")
     if r.engine.replicas < 1:

@@ -121,12 +121,12 @@ def from_hf(hf_dir: str | Path, out_ckpt: str | Path, *, recipe: Optional[str | 
         if not recipe.is_file():
             raise ValueError(f"no --recipe given and {recipe} does not exist: pass the recipe whose objective, "
                              "masking and optimisation settings the continued pretraining should use")
-    base = load_recipe(recipe, overrides)
+    base = load_recipe(recipe, overrides, require_data=False)  # the run that continues from it names its data
     tree = dataclasses.asdict(base)
     tree["model"] = merge(tree["model"], section)
     tree["data"] = merge(tree["data"], data_hints)
     tree["model"]["init_from"] = ""
-    r = recipe_from_dict(tree, f"{recipe} with the model of {hf_dir}")
+    r = recipe_from_dict(tree, f"{recipe} with the model of {hf_dir}", require_data=False)
     torch.manual_seed(r.seed)  # the regression head starts as a run of this recipe would start it
     student = build_model(r.model)
     load_initial_weights(student, tensors)

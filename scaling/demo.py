@@ -5,8 +5,9 @@ number words synthesised with espeak-ng, and the docstrings of Python's standard
 sentencepiece tokenizer trained on them. Each modality then trains through torchrun on ``--nproc``
 ranks (gloo on CPU) with a sharded student and a sharded EMA teacher, is probed against a random
 init on held-out data, and is exported to HF transformers and loaded back with ``AutoModel`` and its
-processor. Everything goes under ``--workdir`` (default ./demo); results are read from the
-checkpoints and MLflow, not from the training's output.
+processor. Everything goes under ``--workdir`` (default ./demo); results are read from each run's
+``run.json`` (its MLflow run id and newest checkpoint, scaling/tracking.py) and from MLflow, not
+from the training's output.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from scaling.checkpoint import find_latest
+from scaling.tracking import read_run_json
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 DEFAULT_ENGINES = "speech=fsdp,vision=deepspeed,text=fsdp"
@@ -66,14 +67,13 @@ def launch(recipe: Path, overrides: list[str], nproc: int) -> None:
         raise SystemExit(f"[demo] training failed ({' '.join(cmd)}): exit {proc.returncode}")
 
 
-def latest_run(uri: str, experiment: str) -> str:
-    """The newest MLflow run of ``experiment`` (the one the launch just made)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
-                              order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0].info.run_id
+def finished_run(checkpoint_dir: Path) -> tuple[str, Path, str]:
+    """The MLflow run id, the newest checkpoint and the tracking URI of the run the launch just
+    finished (its run.json; the URI is MLFLOW_TRACKING_URI's when that is set)."""
+    info = read_run_json(checkpoint_dir)
+    if info is None or not info.get("mlflow", {}).get("run_id") or not info.get("checkpoint"):
+        raise SystemExit(f"[demo] {checkpoint_dir}/run.json is missing or names no MLflow run and checkpoint")
+    return info["mlflow"]["run_id"], Path(info["checkpoint"]), info["mlflow"]["tracking_uri"]
 
 
 def export_to_hf(checkpoint: Path, out_dir: Path) -> str:
@@ -98,10 +98,10 @@ def summary(uri: str, run_id: str) -> dict[str, float]:
     client = MlflowClient(tracking_uri=uri)
     loss = sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)
     metrics = client.get_run(run_id).data.metrics
-    wait = [m.value for m in client.get_metric_history(run_id, "data_wait_share")]
+    wait = [m.value for m in client.get_metric_history(run_id, "data/wait_share")]
     return {"first": loss[0].value, "first_step": loss[0].step, "last": loss[-1].value, "steps": loss[-1].step,
             "target_var": metrics["target_var"], "pred_var": metrics["pred_var"],
-            "samples_per_s": metrics["samples_per_s"], "data_wait": sum(wait) / len(wait)}
+            "samples_per_s": metrics["throughput/samples_per_s"], "data_wait": sum(wait) / len(wait)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,12 +128,11 @@ def main(argv: list[str] | None = None) -> int:
                       "checkpoint.resume=never", f"tracking.uri={uri}", f"tracking.experiment=scaling-demo-{modality}",
                       *args.overrides]
         launch(RECIPES / modality / "tiny.yaml", overrides, args.nproc)
-        run_id = latest_run(uri, f"scaling-demo-{modality}")
-        checkpoint = find_latest(workdir / "checkpoints" / modality)
+        run_id, checkpoint, run_uri = finished_run(workdir / "checkpoints" / modality)
         t_train = time.perf_counter() - t0 - t_data
-        probes[modality] = probe_pair(str(checkpoint), info, uri)
+        probes[modality] = probe_pair(str(checkpoint), info, run_uri)
         exports[modality] = export_to_hf(checkpoint, workdir / "hf" / modality)
-        rows.append((modality, engine, summary(uri, run_id), t_data, t_train, checkpoint, run_id))
+        rows.append((modality, engine, summary(run_uri, run_id), t_data, t_train, checkpoint, run_id))
 
     print(f"\n[demo] {args.nproc} ranks per run. modality  engine  steps  loss (first logged step -> last)  "
           "target_var  pred_var  samples/s  data wait  data s  train s  checkpoint / MLflow run")

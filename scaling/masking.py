@@ -8,7 +8,7 @@ or its position in the global batch. A run therefore gives the same masks howeve
 batch is split across micro-batches and ranks, and a resumed run gives the same masks as an
 uninterrupted one.
 
-Sources (reference §3.2-§3.4): fairseq ``compute_mask_indices`` (speech), BEiT
+Sources (docs/data2vec.md §3.2-§3.4): fairseq ``compute_mask_indices`` (speech), BEiT
 ``MaskingGenerator`` as used by data2vec_vision (vision), fairseq ``MaskTokensDataset`` with
 ``mask_multiple_length`` (text, released ``text/pretraining/base.yaml``).
 """
@@ -42,8 +42,8 @@ def sample_rng(*keys: int) -> np.random.Generator:
 def speech_span_mask(rng: np.random.Generator, num_frames: int, cfg: SpeechMaskConfig) -> np.ndarray:
     """fairseq ``compute_mask_indices`` for one row: "static" span lengths, overlaps allowed.
 
-    Reference §3.2 and published-numbers C2: ``cfg.prob`` (0.65) is the start probability per
-    frame (0.065) times the span length (10), so the number of span starts is
+    docs/data2vec.md §3.2, §7.4 (data2vec paper §4.2): ``cfg.prob`` (0.65) is the start
+    probability per frame (0.065) times the span length (10), so the number of span starts is
     ``max(min_masks, int(prob * T / length + U[0,1)))``. Starts are drawn without replacement
     from ``range(T - length)`` and each masks ``length`` frames (clipped to T). Because spans
     overlap, about 49% of a long utterance ends up masked, not 65%.
@@ -78,7 +78,7 @@ def speech_span_mask(rng: np.random.Generator, num_frames: int, cfg: SpeechMaskC
 
 # ----------------------------------------------------------------------------- vision
 def vision_block_mask(rng: np.random.Generator, grid_hw: tuple[int, int], cfg: VisionMaskConfig) -> np.ndarray:
-    """BEiT block-wise masking (``MaskingGenerator``, reference §3.3); bool ``[H*W]``, row-major.
+    """BEiT block-wise masking (``MaskingGenerator``, docs/data2vec.md §3.3); bool ``[H*W]``, row-major.
 
     Target ``round(ratio * H * W)`` patches (120 of 196 for ViT-B). Each round tries up to 10
     rectangles with area ~ U[min_block_patches, max_patches] and a log-uniform aspect ratio in
@@ -137,7 +137,8 @@ def text_span_mask(
     vocab_size: int,
     num_special: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Span masking of the released v1 text recipe (reference §3.4, §8.1); returns ``(mask, input_tokens)``.
+    """Span masking of the released v1 text recipe; returns ``(mask, input_tokens)`` (docs/data2vec.md
+    §3.4, §7.1).
 
     fairseq ``MaskTokensDataset`` with ``mask_multiple_length``: among the ``n`` maskable positions
     (``maskable`` is False at BOS/EOS/padding), ``int(prob * n / span + U[0,1))`` starts are drawn
@@ -150,9 +151,9 @@ def text_span_mask(
 
     ``mask`` marks EVERY selected position, including those left unchanged or randomised, and
     the loss is taken at all of them (BERT's choice). fairseq v1 instead scores only positions
-    whose input equals ``<mask>`` (issue fairseq#4229, reference §7 item 6); under the released
+    whose input equals ``<mask>`` (issue fairseq#4229, docs/data2vec.md §6.2); under the released
     recipe (0 unchanged, 0 random) the two are identical. The teacher must get the original
-    ``tokens``, not ``input_tokens`` (fairseq#4881, reference §7 item 6).
+    ``tokens``, not ``input_tokens`` (fairseq#4881, docs/data2vec.md §6.1).
     """
     tokens = np.asarray(tokens)
     maskable = np.asarray(maskable, dtype=bool)

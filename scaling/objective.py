@@ -1,11 +1,12 @@
-"""data2vec v1 targets and regression loss (reference §1.1-§1.3); all math in fp32.
+"""data2vec v1 targets and regression loss (docs/data2vec.md §1.1-§1.3); all math in fp32.
 
 Targets: each of the teacher's top-K taps is normalised per layer (instance norm over time or
 layer norm over features, no affine), the K results are averaged, and the average is optionally
-normalised again (reference §1.2 table). The loss is summed over the masked positions; the
-trainer divides by the GLOBAL masked count (reference §1.1 item 5, fairseq ``model_criterion``).
+normalised again (docs/data2vec.md §1.2). The loss is summed over the masked positions; the
+trainer divides by the GLOBAL masked count (docs/data2vec.md §1.1 item 5; fairseq
+``model_criterion.py``).
 The collapse monitors use all-reduce-able (count, sum, sum of squares) statistics
-(reference §1.3 ``compute_var``).
+(docs/data2vec.md §1.3, fairseq ``compute_var``).
 
 Padding masks follow fairseq: ``padding_mask_BT`` is True at padded positions.
 """
@@ -29,8 +30,8 @@ _EPS = 1e-5  # F.instance_norm / F.layer_norm default
 def _instance_norm(x_BTD: Tensor, padding_mask_BT: Optional[Tensor]) -> Tensor:
     """Per-sample, per-channel normalisation over time; biased variance, eps 1e-5, no affine.
 
-    Reference §8.7 leaves open whether padded frames enter the statistics; fairseq's
-    ``F.instance_norm`` on B x C x T includes them. We CHOOSE to exclude them: a sample's targets
+    docs/data2vec.md §7.6: fairseq's ``F.instance_norm`` on B x C x T includes padded frames in
+    the statistics. We CHOOSE to exclude them: a sample's targets
     then do not depend on how much padding its batch happens to have (so they do not change with
     the micro-batch split either). Without padding this is exactly ``F.instance_norm``. Padded
     positions of the output are set to 0 (they are never scored).
@@ -61,7 +62,7 @@ def layer_target(tap_BTD: Tensor, kind: str, padding_mask_BT: Optional[Tensor] =
 def make_targets(taps: list[Tensor], cfg: ObjectiveConfig, padding_mask_BT: Optional[Tensor] = None) -> Tensor:
     """Targets ``[B,T,D]`` fp32: per-layer norm of each tap, average over the K taps, optional post-norm.
 
-    Reference §1.2: v1 speech IN + mean of K=8; v1 text LN + mean of K=10; v1 vision ([DV]) LN +
+    docs/data2vec.md §1.2: v1 speech IN + mean of K=8; v1 text LN + mean of K=10; v1 vision ([DV]) LN +
     mean of K=6 + LN again. The caller passes exactly the K taps to average.
     """
     if not taps:
@@ -81,8 +82,8 @@ def regression_loss(pred_ND: Tensor, target_ND: Tensor, cfg: ObjectiveConfig) ->
     Per position: sum over D of (pred - target)^2 (``l2``) or of Smooth-L1 with ``cfg.beta``,
     times ``scale = cfg.loss_scale`` (None: 1/sqrt(D), fairseq ``loss_scale: null``).
     ``mean_over_dims`` divides by D as well: [DV] vision's mean reduction over N*D equals
-    (sum over N and D) / D / N, the /N coming from the trainer (reference §1.1 exception). That
-    equality needs ``loss_scale: 1`` in the vision recipe.
+    (sum over N and D) / D / N, the /N coming from the trainer (docs/data2vec.md §1.1, vision
+    exception). That equality needs ``loss_scale: 1`` in the vision recipe.
     """
     pred = pred_ND.float()
     target = target_ND.float()
@@ -107,7 +108,8 @@ def variance_stats(x_ND: Tensor) -> Tensor:
 
 
 def std_from_stats(stats: Tensor) -> float:
-    """Mean over D of the std across all rows (reference §1.3 ``compute_var``): sqrt(var + 1e-6).
+    """Mean over D of the std across all rows: sqrt(var + 1e-6) (docs/data2vec.md §1.3, fairseq
+    ``compute_var``).
 
     Unbiased like fairseq: var = (sumsq - sum^2 / n) / (n - 1). Evaluated in float64 from the
     fp32 statistics. Returns NaN for fewer than 2 rows (no spread is defined; a NaN never trips

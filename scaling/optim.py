@@ -24,7 +24,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, groups: list[dict] | None = None) -> torch.optim.AdamW:
     """AdamW over ``param_groups(model)``, or over the given groups (an engine that needs its own split)."""
-    # fairseq `adam` is decoupled (AdamW) decay (reference §4); torch's AdamW is the same rule.
+    # fairseq `adam` is decoupled (AdamW) decay (docs/data2vec.md §4); torch's AdamW is the same rule.
     return torch.optim.AdamW(
         groups if groups is not None else param_groups(model, cfg.weight_decay), lr=cfg.lr,
         betas=tuple(cfg.betas), eps=cfg.eps, foreach=True,

@@ -1,36 +1,285 @@
-"""Turn a recipe's global batch into micro-batch x accumulation x world size for this cluster.
+"""From a recipe and a world size to what each rank does per optimizer step.
 
-The recipe pins ``train.global_batch_size`` (the published recipes' batch, which the LR and EMA
-values are tied to). ``train.micro_batch_size`` is the most one device should take at once; the
-plan uses the largest micro-batch up to it that splits the per-rank share evenly, and makes up the
-rest with gradient accumulation, so the same recipe runs on any number of ranks.
+A recipe states the **global batch** of the published run (``train.global_batch_size`` samples, or
+for speech ``train.global_batch_seconds`` of padded audio as fairseq's ``max_tokens`` counts it) and
+the **most one device takes at once** (``train.micro_batch_size`` / ``train.micro_batch_seconds``).
+:func:`resolve` turns that into micro-batch x accumulation x world size for the ranks at hand, so
+the same recipe runs unchanged on 1 or 1,024 ranks:
+
+- samples: the per-rank share ``global / world`` must be whole; the micro-batch is the largest
+  divisor of it up to ``micro_batch_size`` and accumulation makes up the rest. When the world size
+  does not divide the batch, the error names the world sizes that do and the batch sizes that would.
+- seconds of audio: per rank ``global / world`` seconds, in ``ceil(share / micro_batch_seconds)``
+  micro-batches of equal audio budget (fairseq's ``max_tokens`` per GPU, ``update_freq``); any world
+  size works. The loader fills each micro-batch with length-bucketed clips up to that budget.
+
+The recipe's step counts (``train.max_steps``, ``schedule.warmup_steps``, ``ema.anneal_steps``) and
+its peak ``optim.lr`` are stated at ``train.reference_batch`` (0: the global batch itself). A run
+with another global batch keeps the number of samples the schedule spans: every step count is scaled
+by ``reference / global``; the peak LR is rescaled by ``optim.lr_scaling`` (``linear``: Goyal et al.
+2017, arXiv 1706.02677; ``sqrt``: Krizhevsky 2014, arXiv 1404.5997, the usual rule for Adam) or
+kept (``none``, with a note). :meth:`Plan.resolved` is the recipe with these values filled in and
+``reference_batch`` set to the global batch, so resolving it again changes nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
 from dataclasses import dataclass
+from typing import Optional
 
-from scaling.config import TrainConfig
+from scaling.config import Recipe, TrainConfig
 
 
 @dataclass(frozen=True)
 class BatchPlan:
-    global_batch_size: int
-    micro_batch_size: int
+    """How one optimizer step's batch is split; the engines and the trainer read this."""
+
+    global_batch: float  # in `unit`
+    unit: str  # "samples" or "s of audio"
+    micro_batch_size: int  # samples per micro-batch; with audio batches the most utterances in one (0: no bound)
     accumulation: int
     world_size: int
+    micro_batch_audio_samples: int = 0  # audio batches: most padded audio samples per micro-batch, else 0
+
+    @property
+    def by_audio(self) -> bool:
+        return self.micro_batch_audio_samples > 0
+
+    @property
+    def global_batch_size(self) -> int:
+        """Samples per optimizer step (fixed-count batches only)."""
+        assert not self.by_audio, "an audio batch has no fixed sample count"
+        return int(self.global_batch)
 
     @classmethod
-    def from_config(cls, cfg: TrainConfig, world_size: int) -> "BatchPlan":
-        if cfg.global_batch_size % world_size:
-            raise ValueError(f"train.global_batch_size ({cfg.global_batch_size}) must be a multiple of the "
-                             f"world size ({world_size})")
-        per_rank = cfg.global_batch_size // world_size
+    def from_config(cls, cfg: TrainConfig, world_size: int, sample_rate: int = 16000) -> "BatchPlan":
+        if world_size < 1:
+            raise ValueError(f"the world size must be at least 1, got {world_size}")
+        if cfg.global_batch_seconds > 0:
+            per_rank = cfg.global_batch_seconds / world_size
+            accumulation = max(1, math.ceil(per_rank / cfg.micro_batch_seconds - 1e-9))
+            audio = int(per_rank / accumulation * sample_rate)
+            return cls(cfg.global_batch_seconds, "s of audio", cfg.micro_batch_size, accumulation, world_size, audio)
+        batch = cfg.global_batch_size
+        if batch % world_size:
+            raise ValueError(f"train.global_batch_size ({batch}) must be a multiple of the world size ({world_size}): "
+                             f"{_alternatives(batch, world_size)}")
+        per_rank = batch // world_size
         micro = min(cfg.micro_batch_size, per_rank)
         while per_rank % micro:
             micro -= 1
-        return cls(cfg.global_batch_size, micro, per_rank // micro, world_size)
+        return cls(batch, "samples", micro, per_rank // micro, world_size)
 
     def __str__(self) -> str:
-        return (f"global batch {self.global_batch_size} = micro {self.micro_batch_size} x "
+        if self.by_audio:
+            return (f"global batch {self.global_batch:g} s of audio = micro {self.micro_batch_audio_samples} audio "
+                    f"samples (padded) x accumulation {self.accumulation} x world {self.world_size}")
+        return (f"global batch {int(self.global_batch)} = micro {self.micro_batch_size} x "
                 f"accumulation {self.accumulation} x world {self.world_size}")
+
+
+def _divisors(n: int) -> list[int]:
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+def _alternatives(batch: int, world: int) -> str:
+    """The world sizes nearest to ``world`` that divide ``batch``, and the batches nearest to it that ``world`` divides."""
+    divisors = _divisors(batch)
+    below = [d for d in divisors if d < world][-2:]
+    above = [d for d in divisors if d > world][:2]
+    sizes = ", ".join(str(d) for d in below + above)
+    lower, upper = (batch // world) * world, (batch // world + 1) * world
+    batches = " or ".join(str(b) for b in (lower, upper) if b > 0)
+    return f"world sizes that divide it: {sizes}; or, on {world} ranks, train.global_batch_size {batches}"
+
+
+def _tokens_per_sample(recipe: Recipe) -> float:
+    """Encoder positions per sample: what `tokens/s` counts (frames, patches + CLS, or token ids)."""
+    m = recipe.model
+    if m.modality == "vision":
+        return (m.vision.image_size // m.vision.patch_size) ** 2 + 1
+    if m.modality == "text":
+        return recipe.data.text.block_size
+    # Speech: the longest crop (fixed-count batches pad to it at worst).
+    return recipe.data.speech.max_samples / frame_stride(recipe)
+
+
+def frame_stride(recipe: Recipe) -> int:
+    """Audio samples per encoder frame: the product of the CNN strides (320 for wav2vec 2.0's front-end)."""
+    return math.prod(layer[2] for layer in recipe.model.speech.conv_layers)
+
+
+@dataclass(frozen=True)
+class Plan:
+    batch: BatchPlan
+    recipe: Recipe  # as loaded (step counts and LR at train.reference_batch)
+    reference_batch: float
+    lr: float
+    max_steps: int
+    warmup_steps: int
+    anneal_steps: int
+    samples_per_epoch: Optional[int]  # from the shard index; None when unknown (synthetic, no index)
+    data: str  # what is read, in words
+    precision: str  # train.precision with "auto" settled for this machine
+    notes: tuple[str, ...] = ()
+
+    @property
+    def unit(self) -> str:
+        return self.batch.unit
+
+    @property
+    def tokens_per_step(self) -> float:
+        if self.batch.by_audio:
+            return self.batch.global_batch * self.recipe.data.speech.sample_rate / frame_stride(self.recipe)
+        return self.batch.global_batch * _tokens_per_sample(self.recipe)
+
+    @property
+    def epochs(self) -> Optional[float]:
+        if self.samples_per_epoch is None or self.batch.by_audio:
+            return None
+        return self.max_steps * self.batch.global_batch / self.samples_per_epoch
+
+    def resolved(self) -> Recipe:
+        """The recipe this plan trains: scaled step counts and LR, reference batch = the global batch."""
+        r = self.recipe
+        return dataclasses.replace(
+            r,
+            train=dataclasses.replace(r.train, max_steps=self.max_steps, reference_batch=self.batch.global_batch,
+                                      precision=self.precision),
+            schedule=dataclasses.replace(r.schedule, warmup_steps=self.warmup_steps),
+            ema=dataclasses.replace(r.ema, anneal_steps=self.anneal_steps),
+            optim=dataclasses.replace(r.optim, lr=self.lr),
+        )
+
+    def lines(self) -> list[str]:
+        b = self.batch
+        if b.by_audio:
+            sr = self.recipe.data.speech.sample_rate
+            micro = (f"micro-batch: at most {b.micro_batch_audio_samples} padded audio samples "
+                     f"({b.micro_batch_audio_samples / sr:.1f} s) per rank, length-bucketed")
+            per_step = f"per step: {b.global_batch:g} s of audio, about {self.tokens_per_step:,.0f} frames"
+        else:
+            micro = f"micro-batch: {b.micro_batch_size} samples per rank"
+            per_step = f"per step: {int(b.global_batch)} samples, {self.tokens_per_step:,.0f} tokens"
+        rescale = self.reference_batch != b.global_batch
+        lr = f"peak LR: {self.lr:.4g}"
+        if rescale:
+            lr += (f" ({self.recipe.optim.lr:.4g} at reference batch {self.reference_batch:g}, "
+                   f"rule {self.recipe.optim.lr_scaling})")
+        sched = self.recipe.schedule
+        warmup = (f"tri_stage {'/'.join(f'{r:g}' for r in sched.phase_ratio)}" if sched.name == "tri_stage"
+                  else f"warmup {self.warmup_steps:,}")
+        steps = f"steps: {self.max_steps:,}, {warmup}, EMA anneal {self.anneal_steps:,}"
+        if rescale:
+            steps += f" (x{self.reference_batch / b.global_batch:.4g} of the recipe's, same samples)"
+        epochs = self.epochs
+        out = [f"batch: {b}", micro, f"accumulation: {b.accumulation}", per_step, lr, steps,
+               f"precision: {self.precision}" + (" (auto)" if self.recipe.train.precision == "auto" else ""),
+               f"epochs: {epochs:.2f} of {self.samples_per_epoch:,} samples" if epochs is not None
+               else "epochs: unknown (no sample count for this data)", f"data: {self.data}"]
+        return out + [f"note: {n}" for n in self.notes]
+
+    def __str__(self) -> str:
+        return str(self.batch)
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic units (Linux /proc/cpuinfo flags)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_precision(precision: str, device: str) -> str:
+    """``auto``: bf16 where the device computes it natively, else fp32."""
+    if precision != "auto":
+        return precision
+    import torch
+
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        # Planning a GPU run from a machine without one: assume a bf16 GPU (A100 and later).
+        return "bf16" if not torch.cuda.is_available() or torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def _scale_steps(steps: int, factor: float) -> int:
+    return steps if factor == 1 else max(1 if steps else 0, round(steps * factor))
+
+
+def _shard_set_size(spec: str) -> tuple[int, Optional[int]]:
+    """Shard count, and the sample count the shard sets' indexes give (None if a shard has no index)."""
+    from scaling.data.shards import expand_shards, index_path_of_shard, read_index, shard_name
+
+    paths = expand_shards(spec)
+    counts: dict[str, int] = {}
+    for index_file in sorted({index_path_of_shard(p) for p in paths if index_path_of_shard(p)}):
+        index = read_index(index_file)
+        counts.update({s["name"]: int(s["num_samples"]) for s in index["shards"]})
+    names = [shard_name(p) for p in paths]
+    if not all(n in counts for n in names):
+        return len(paths), None
+    return len(paths), sum(counts[n] for n in names)
+
+
+def describe_data(recipe: Recipe) -> tuple[str, Optional[int]]:
+    """What ``data.train_shards`` reads, in words, and its samples per epoch when an index says so."""
+    spec = recipe.data.train_shards.strip()
+    if not spec:
+        return "not set (data.train_shards)", None
+    if spec == "synthetic":
+        return "SYNTHETIC random samples (data.train_shards=synthetic): nothing real is learnt", None
+    try:
+        num_shards, num_samples = _shard_set_size(spec)
+    except ValueError as exn:
+        return f"{spec} (not readable from here: {exn})", None
+    if num_samples is None:
+        return f"{num_shards} shards from {spec} (no index: sample count unknown)", None
+    return f"{num_shards} shards, {num_samples:,} samples from {spec}", num_samples
+
+
+def resolve(recipe: Recipe, world_size: int, *, read_data: bool = True) -> Plan:
+    """The plan of ``recipe`` on ``world_size`` ranks (ValueError when the batch cannot be split)."""
+    t = recipe.train
+    batch = BatchPlan.from_config(t, world_size, recipe.data.speech.sample_rate)
+    if batch.by_audio and batch.micro_batch_audio_samples < recipe.data.speech.max_samples:
+        crop_s = recipe.data.speech.max_samples / recipe.data.speech.sample_rate
+        if t.micro_batch_seconds < crop_s:
+            raise ValueError(f"train.micro_batch_seconds ({t.micro_batch_seconds:g}) is less than one crop of "
+                             f"data.speech.max_samples ({crop_s:g} s)")
+        raise ValueError(f"train.global_batch_seconds ({t.global_batch_seconds:g}) gives each of {world_size} ranks "
+                         f"{t.global_batch_seconds / world_size:.3g} s of audio per step, less than one crop of "
+                         f"data.speech.max_samples ({crop_s:g} s): use at most "
+                         f"{int(t.global_batch_seconds // crop_s)} ranks, or train.global_batch_seconds >= "
+                         f"{world_size * crop_s:g}")
+    reference = t.reference_batch or batch.global_batch
+    factor = reference / batch.global_batch
+    notes = []
+    rule = recipe.optim.lr_scaling
+    lr = recipe.optim.lr
+    if factor != 1:
+        if rule == "linear":
+            lr = lr / factor
+        elif rule == "sqrt":
+            lr = lr / math.sqrt(factor)
+        else:
+            notes.append(f"the global batch ({batch.global_batch:g}) is not train.reference_batch ({reference:g}) "
+                         "and optim.lr_scaling is none: the peak LR is kept")
+    if not batch.by_audio and batch.micro_batch_size < t.micro_batch_size / 2 and batch.accumulation > 1:
+        notes.append(f"micro-batch {batch.micro_batch_size} is well under train.micro_batch_size "
+                     f"({t.micro_batch_size}): no larger size divides the per-rank share "
+                     f"({int(batch.global_batch) // world_size})")
+    data, samples = describe_data(recipe) if read_data else (recipe.data.train_shards, None)
+    return Plan(batch=batch, recipe=recipe, reference_batch=reference, lr=lr,
+                max_steps=_scale_steps(t.max_steps, factor),
+                warmup_steps=_scale_steps(recipe.schedule.warmup_steps, factor),
+                anneal_steps=_scale_steps(recipe.ema.anneal_steps, factor),
+                samples_per_epoch=samples, data=data, precision=pick_precision(t.precision, t.device),
+                notes=tuple(notes))

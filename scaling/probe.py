@@ -7,7 +7,11 @@ logistic regression on the train features, and reports its test accuracy and the
 a cosine k-NN classifier, next to the chance level. ``--random-init`` scores a randomly initialised
 encoder of the same shape (the baseline that pretraining must beat). Accuracies are printed and
 logged to MLflow (``probe/linear_acc``, ``probe/knn_acc``; ``probe_random/...`` with
-``--random-init``) at the checkpoint's step.
+``--random-init``) at the checkpoint's step: into the training run of the checkpoint when it has
+one (the run id in its train state; the store from the run's ``run.json``, else ``--tracking-uri``),
+so the probe's curve sits beside the loss; the probe's settings are that run's artifact
+``probe/step_XXXXXXXX.json`` (params cannot be added twice). A checkpoint without a run (tracking
+off, weights only) gets a run of its own in ``--experiment``, as before.
 
 CHECKPOINT is a checkpoint directory (``checkpoint.dir/step_XXXXXXXX``) or a run's
 ``checkpoint.dir``, whose newest intact checkpoint is taken. Any engine's checkpoint (single, ddp,
@@ -62,6 +66,7 @@ __all__ = [
     "linear_probe",
     "knn_accuracy",
     "probe",
+    "checkpoint_run",
     "main",
 ]
 
@@ -275,11 +280,11 @@ def chance_levels(train_y: torch.Tensor, test_y: torch.Tensor) -> tuple[float, f
 
 # ============================================================================= the probe
 def _log_mlflow(uri: str, experiment: str, run_name: str, params: dict, metrics: dict, step: int) -> str:
-    from scaling.tracking import artifact_root  # first: it turns MLflow's telemetry off
+    from scaling.tracking import artifact_root, set_tracking_uri  # first: it turns MLflow's telemetry off
 
     import mlflow
 
-    mlflow.set_tracking_uri(uri)
+    set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(experiment) is None:
         mlflow.create_experiment(experiment, artifact_location=artifact_root(uri))
     mlflow.set_experiment(experiment)
@@ -287,6 +292,45 @@ def _log_mlflow(uri: str, experiment: str, run_name: str, params: dict, metrics:
         mlflow.log_params({k: str(v) for k, v in params.items()})
         mlflow.log_metrics(metrics, step=step)
         return run.info.run_id
+
+
+def checkpoint_run(ckpt: Path) -> tuple[str | None, str | None]:
+    """(MLflow run id, tracking URI) of the run that wrote ``ckpt``: the id from its rank-0 train
+    state, the URI from ``run.json`` beside it when that names the same run; (None, None) without one."""
+    from scaling.checkpoint.layout import train_state_file
+    from scaling.checkpoint.safe import CheckpointError, load_torch
+    from scaling.tracking import read_run_json
+
+    try:
+        run_id = load_torch(train_state_file(ckpt, 0)).get("mlflow_run_id")
+    except CheckpointError:  # a weights-only checkpoint has no train state
+        return None, None
+    if not run_id:
+        return None, None
+    info = read_run_json(ckpt.parent) or {}
+    mlflow_info = info.get("mlflow") or {}
+    return run_id, mlflow_info.get("tracking_uri") if mlflow_info.get("run_id") == run_id else None
+
+
+def _log_into_run(uris: list[str], run_id: str, params: dict, metrics: dict, step: int, prefix: str) -> str | None:
+    """Log into the existing run ``run_id`` in the first of ``uris`` that holds it; its URI, or None."""
+    import scaling.tracking  # noqa: F401  (first: importing it turns MLflow's telemetry off)
+
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    for uri in uris:
+        client = MlflowClient(tracking_uri=uri)
+        try:
+            client.get_run(run_id)
+        except MlflowException:
+            continue
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        client.log_dict(run_id, {k: v for k, v in params.items()}, f"{prefix}/step_{step:08d}.json")
+        return uri
+    return None
 
 
 def probe(checkpoint: str | Path, train_shards: str, test_shards: str, *, random_init: bool = False,
@@ -342,11 +386,20 @@ def probe(checkpoint: str | Path, train_shards: str, test_shards: str, *, random
         metrics = {f"{prefix}/linear_acc": lin["acc"], f"{prefix}/knn_acc": knn,
                    f"{prefix}/linear_train_acc": lin["train_acc"], f"{prefix}/chance": chance,
                    f"{prefix}/majority": majority}
-        name = run_name or f"{'random-init' if random_init else 'probe'} {ckpt.parent.name}/{ckpt.name}"
-        result["mlflow_run_id"] = _log_mlflow(tracking_uri, experiment, name, params, metrics, step)
-        if verbose:
-            print(f"[probe] MLflow run {result['mlflow_run_id']} in {tracking_uri} (experiment '{experiment}')",
-                  flush=True)
+        run_id, run_uri = checkpoint_run(ckpt)
+        logged_in = None
+        if run_id is not None:  # the training run's own store first: it is known to hold the run
+            logged_in = _log_into_run([u for u in (run_uri, tracking_uri) if u], run_id, params, metrics, step, prefix)
+        if logged_in is not None:
+            result["mlflow_run_id"] = run_id
+            if verbose:
+                print(f"[probe] logged into the training run {run_id} in {logged_in}", flush=True)
+        else:
+            name = run_name or f"{'random-init' if random_init else 'probe'} {ckpt.parent.name}/{ckpt.name}"
+            result["mlflow_run_id"] = _log_mlflow(tracking_uri, experiment, name, params, metrics, step)
+            if verbose:
+                print(f"[probe] MLflow run {result['mlflow_run_id']} in {tracking_uri} (experiment '{experiment}')",
+                      flush=True)
     result["seconds"] = time.perf_counter() - t0
     return result
 

@@ -1,13 +1,13 @@
-"""The EMA teacher (reference §2).
+"""The EMA teacher (docs/data2vec.md §2).
 
 The teacher owns only the EMA-updated parameters: a copy of the student's
 ``encoder``. The parts shared with the student (speech CNN, projection and
-positional conv; text embeddings; reference §2.2) exist once, in the student's
+positional conv; text embeddings; docs/data2vec.md §2.2) exist once, in the student's
 ``frontend``, whose detached output the teacher consumes. The teacher is kept
 in fp32, runs in eval mode under no_grad, and is updated after every optimizer
 step with one fused ``torch._foreach_lerp_`` over the (local) tensors that an
 engine pairs by name, so a sharded engine can pass its local shards and the
-update needs no communication (reference §2.7).
+update needs no communication (docs/data2vec.md §2.4).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from scaling.config import EMAConfig
 def ema_decay(cfg: EMAConfig, step: int) -> float:
     """Decay used by the update that follows optimizer step ``step`` (0-based count of updates done).
 
-    fairseq ``get_annealed_rate`` (reference §2.1): linear from ``decay`` to ``end_decay`` over
+    fairseq ``get_annealed_rate`` (docs/data2vec.md §2.1): linear from ``decay`` to ``end_decay`` over
     ``anneal_steps`` updates, then constant.
     """
     if cfg.decay == cfg.end_decay or cfg.anneal_steps <= 0 or step >= cfg.anneal_steps:
@@ -34,15 +34,19 @@ def ema_decay(cfg: EMAConfig, step: int) -> float:
 class EMATeacher(nn.Module):
     """An fp32 copy of the student's encoder, updated only by :meth:`update`."""
 
-    def __init__(self, student_encoder: nn.Module):
+    def __init__(self, student_encoder: nn.Module, *, on_meta: bool = False):
         super().__init__()
         # Copy before any engine wraps or shards the student (deepcopy of an FSDP module fails).
-        self.encoder = copy.deepcopy(student_encoder).float()
+        # on_meta: the parameters are fp32 meta tensors (shapes only, no memory, no copy of the values);
+        # a sharding engine shards this teacher and then copies the student's local shards into it.
+        memo = {id(p): nn.Parameter(torch.empty(p.shape, dtype=torch.float32, device="meta"), requires_grad=False)
+                for p in student_encoder.parameters()} if on_meta else {}
+        self.encoder = copy.deepcopy(student_encoder, memo).float()
         self.encoder.requires_grad_(False)
         self.train(False)
 
     def train(self, mode: bool = True) -> "EMATeacher":
-        # The teacher never trains: no dropout, no layerdrop, no drop-path (reference §2.3).
+        # The teacher never trains: no dropout, no layerdrop, no drop-path (docs/data2vec.md §2.3).
         return super().train(False)
 
     @torch.no_grad()
@@ -53,7 +57,7 @@ class EMATeacher(nn.Module):
     @torch.no_grad()
     def update(teacher_tensors: list[torch.Tensor], student_tensors: list[torch.Tensor], decay: float) -> None:
         """teacher <- decay * teacher + (1 - decay) * student, in one fused call; skipped once decay >= 1."""
-        if decay >= 1.0:  # frozen teacher (reference §2.1: `if self.ema.get_decay() < 1`)
+        if decay >= 1.0:  # frozen teacher (docs/data2vec.md §2.1: fairseq `if self.ema.get_decay() < 1`)
             return
         torch._foreach_lerp_(teacher_tensors, student_tensors, 1.0 - decay)
 

@@ -11,6 +11,11 @@ torch.set_num_threads(1)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def pytest_configure(config):
+    # Run by default (CI runs everything); `-m "not slow"` leaves them out of a quick local pass.
+    config.addinivalue_line("markers", "slow: a dry run of a large model at 1,024 ranks (tens of seconds)")
+
+
 @pytest.fixture
 def recipe_path():
     def path(modality: str, size: str = "tiny") -> str:

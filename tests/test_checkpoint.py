@@ -96,8 +96,9 @@ def _plant(ckpt: Path, rel: str, marker: Path) -> None:
 def _entry_points(name: str, ckpt: Path, tmp: Path) -> dict:
     modality = ENGINES[name][0]
 
-    def resume():  # the ordinary rerun of the same command, pointed at this checkpoint (one rank)
-        over = engine_overrides(tmp, name) + [f"checkpoint.resume={ckpt}", f"checkpoint.dir={tmp}/resumed"]
+    def resume():  # the rerun of the same command one step longer, pointed at this checkpoint (one rank)
+        over = engine_overrides(tmp, name) + [f"checkpoint.resume={ckpt}", f"checkpoint.dir={tmp}/resumed",
+                                              "train.max_steps=3"]  # at max_steps it would read nothing
         run(load_recipe(REPO / "recipes" / modality / "tiny.yaml", over))
 
     return {"resume": resume, "probe": lambda: load_student(ckpt),
@@ -193,7 +194,8 @@ def test_a_resume_that_cannot_work_is_one_line_before_anything_starts(tmp_path, 
     assert pretrain_main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("scaling-pretrain: error: ") and re.search(expected, err[0]), err
-    assert not (tmp_path / "mlruns.db").exists() and len(list((tmp_path / "ckpt").iterdir())) == 1
+    assert not (tmp_path / "mlruns.db").exists() and sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == \
+        ["run.json", "step_00000002"]
 
 
 def test_deepspeed_resume_on_another_stage_or_world_is_refused(engine_checkpoints):

@@ -272,6 +272,16 @@ def test_resume_shards(tmp_path, modality):
     _resume_check(make_cfgs(modality, spec, shuffle_buffer=4))
 
 
+@pytest.mark.parametrize("source", ["synthetic", "shards"])
+def test_resume_bucketed_speech(tmp_path, source):
+    # length-bucketed batches (max_batch_audio_samples): the cursor is (window, next batch of it)
+    spec = "synthetic" if source == "synthetic" else write_set(tmp_path, "speech", speech_set(10))
+    kw = {"synthetic_epoch_size": 16} if source == "synthetic" else {}
+    first = _resume_check(make_cfgs("speech", spec, shuffle_buffer=4), mb=0, max_batch_audio_samples=30_000, **kw)
+    assert any(b["audio_BT"].shape[0] > 1 for b in first)
+    assert all(b["audio_BT"].numel() <= 30_000 for b in first)
+
+
 def test_resume_mid_document_every_position(tmp_path):
     spec = write_set(tmp_path, "text", text_set(5))
     cfgs = make_cfgs("text", spec)

@@ -242,7 +242,8 @@ def test_async_save_writes_the_same_checkpoint_and_resumes_exactly(tmp_dir, fsdp
     for part in ("student", "teacher"):  # written in the background, the same bytes as a blocking save
         sync, background = (read_state_dict(tmp_dir / name / "step_00000005", part) for name in ("resume", "async"))
         assert sync.keys() == background.keys() and all(torch.equal(sync[k], background[k]) for k in sync)
-    assert sorted(p.name for p in (tmp_dir / "async").iterdir()) == ["step_00000005", "step_00000010"]
+    # Both background saves completed: no step folder left behind as .tmp (run.json is the run's summary).
+    assert sorted(p.name for p in (tmp_dir / "async").iterdir()) == ["run.json", "step_00000005", "step_00000010"]
 
 
 def test_bf16_smoke(fsdp_runs, sequence_runs):

@@ -1,4 +1,4 @@
-"""Masking (reference §3.2-§3.4): statistics checked against independent formulas, structure, determinism."""
+"""Masking (docs/data2vec.md §3.2-§3.4): statistics against independent formulas, structure, determinism."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def test_speech_masked_fraction_matches_overlapping_span_expectation():
     expected = _expected_fraction_overlapping_spans(T, T - cfg.length, cfg.length, ks, ps)
     # standard error of the mean is ~0.0006 here
     assert abs(fracs.mean() - expected) < 0.004, (fracs.mean(), expected)
-    # published-numbers C2: start probability 0.065 x span 10 masks about 49% of the frames
+    # docs/data2vec.md §3.2 (paper §4.2): start probability 0.065 x span 10 masks about 49% of frames
     assert abs(expected - 0.49) < 0.02
     assert abs(fracs.mean() - 0.49) < 0.02
 

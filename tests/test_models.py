@@ -51,7 +51,7 @@ def test_conv_output_length_matches_cnn():
     got = conv_output_length(lengths, CONV)
     assert isinstance(got, torch.Tensor)
     assert got.tolist() == [conv_output_length(int(n), CONV) for n in lengths]
-    # the wav2vec 2.0 default stack: 20 ms frames, 400-sample receptive field (reference §3.2)
+    # the wav2vec 2.0 default stack: 20 ms frames, 400-sample receptive field (docs/data2vec.md §3.2)
     default = SpeechModelConfig().conv_layers
     assert conv_output_length(400, default) == 1
     assert conv_output_length(16000, default) == 49

@@ -1,4 +1,5 @@
-"""Targets and loss (reference §1.2) against plain per-sample / per-channel loops; variance stats (§1.3)."""
+"""Targets and loss (docs/data2vec.md §1.2) against plain per-sample / per-channel loops; variance
+stats (§1.3)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from scaling.config import ObjectiveConfig
 from scaling.objective import layer_target, make_targets, regression_loss, std_from_stats, variance_stats
 
-# The v1 rows of the reference §1.2 table.
+# The three columns of the docs/data2vec.md §1.2 table.
 SPEECH = ObjectiveConfig(top_k=8, layer_norm="instance", post_norm="none", loss="l2", loss_scale=None)
 TEXT = ObjectiveConfig(top_k=10, layer_norm="layer", post_norm="none", loss="smooth_l1", beta=4.0, loss_scale=1.0)
 # [DV] vision: smooth-L1 beta 2 with a mean over all masked elements; loss_scale 1 so that the
@@ -150,7 +151,7 @@ def test_instance_norm_without_padding_is_f_instance_norm():
     "cfg", [SPEECH, VISION, ObjectiveConfig(top_k=3, layer_norm="layer", post_norm="instance")], ids=str
 )
 def test_padding_does_not_change_a_samples_targets(cfg):
-    # Reference §8.7: padded frames are excluded from the instance-norm statistics (our choice).
+    # docs/data2vec.md §7.6: padded frames are excluded from the instance-norm statistics (our choice).
     g = torch.Generator().manual_seed(5)
     T, D, extra = 17, 12, 9
     taps_alone = [torch.randn(1, T, D, generator=g) + 3 for _ in range(cfg.top_k)]

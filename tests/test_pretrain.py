@@ -41,7 +41,7 @@ def test_30_step_run_learns_and_is_tracked(tmp_path, recipe_path, modality):
     (run_info,) = client.search_runs([client.get_experiment_by_name("data2vec-" + modality).experiment_id])
     assert run_info.data.params["train.max_steps"] == "30"
     assert run_info.data.params["model.modality"] == modality
-    for key in ["loss", "lr", "ema_decay", "target_var", "pred_var", "grad_norm", "samples_per_s"]:
+    for key in ["loss", "lr", "train/ema_decay", "target_var", "pred_var", "train/grad_norm", "throughput/samples_per_s"]:
         assert key in run_info.data.metrics, key
     losses = [m.value for m in sorted(client.get_metric_history(run_info.info.run_id, "loss"), key=lambda m: m.step)]
     assert len(losses) == 30
@@ -49,7 +49,7 @@ def test_30_step_run_learns_and_is_tracked(tmp_path, recipe_path, modality):
     assert last < 0.8 * first, losses
     artifacts = [a.path for a in client.list_artifacts(run_info.info.run_id)]
     assert "recipe.yaml" in artifacts
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step_00000015", "step_00000030"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["run.json", "step_00000015", "step_00000030"]
 
 
 @pytest.mark.parametrize("modality, extra", [

@@ -99,7 +99,7 @@ def vision_run(tmp_path_factory):
 
 def test_checkpoint_dir_resolves_to_newest(vision_run):
     ckpt_dir = vision_run["ckpt_dir"]
-    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["step_00000002", "step_00000003"]
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["run.json", "step_00000002", "step_00000003"]
     assert resolve(ckpt_dir).name == "step_00000003"
     assert resolve(ckpt_dir / "step_00000002").name == "step_00000002"
     model, recipe = load_student(ckpt_dir)

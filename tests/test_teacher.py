@@ -56,7 +56,7 @@ def test_decay_one_freezes_the_teacher(recipe_path):
 
 
 @pytest.mark.parametrize("modality, shared", [
-    ("speech", ["frontend."]),  # CNN, projection, mask embedding, positional conv (reference §2.2)
+    ("speech", ["frontend."]),  # CNN, projection, mask embedding, positional conv (docs/data2vec.md §2.2)
     ("text", ["frontend."]),  # token and position embeddings, embedding LayerNorm
     ("vision", []),  # [DV] shares nothing: the teacher owns patch embed, cls, rel-pos bias, blocks
 ])

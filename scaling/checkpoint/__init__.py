@@ -29,7 +29,8 @@ from scaling.checkpoint.checkpointer import (
     save_weights,
 )
 from scaling.checkpoint.formats import FORMATS, PARTS, TensorInfo, TensorSource, verify
-from scaling.checkpoint.layout import FORMAT_VERSION, RECIPE, check_intact, find_latest, read_meta, resolve
+from scaling.checkpoint.layout import (FORMAT_VERSION, RECIPE, check_intact, checkpoint_step, find_latest, read_meta,
+                                      resolve)
 from scaling.checkpoint.safe import CheckpointError
 
 
@@ -71,6 +72,6 @@ def read_recipe(checkpoint: str | Path):
 
 __all__ = [
     "CheckpointError", "Checkpointer", "NonFiniteStateError", "FORMAT_VERSION", "TensorInfo", "TensorSource",
-    "check_resume", "check_intact", "find_latest", "model_changes", "model_shape", "open_part", "open_parts",
+    "check_resume", "check_intact", "checkpoint_step", "find_latest", "model_changes", "model_shape", "open_part", "open_parts",
     "read_meta", "read_recipe", "read_state_dict", "resolve", "resume_path", "save_weights",
 ]

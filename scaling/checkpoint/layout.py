@@ -86,6 +86,11 @@ def read_meta(ckpt: Path) -> dict:
     return meta
 
 
+def checkpoint_step(ckpt: Path) -> int:
+    """The optimizer step a checkpoint was written after."""
+    return int(read_meta(ckpt)["step"])
+
+
 def check_intact(ckpt: Path) -> dict:
     """``meta.json``, after checking that every file it lists exists with the recorded size."""
     meta = read_meta(ckpt)

@@ -158,6 +158,25 @@ class SampleProcessor:
         mask = speech_span_mask(rng, frames, self.masking_cfg.speech)
         return [{"audio": audio, "mask": mask, "label": label, "id": int(sample_id)}]
 
+    def item_size(self, raw: dict) -> int:
+        """Samples of audio the sample's item will hold (after the crop to ``data.speech.max_samples``),
+        for batches bounded by padded audio: from its ``json`` ``num_samples`` when present (the decode
+        checks that it is right), else by decoding. 0 when it gives no item (too short, or bad)."""
+        if self.modality != "speech":
+            raise ValueError(f"batches bounded by audio samples are for speech, not {self.modality}")
+        cfg = self.data_cfg.speech
+        try:
+            n = _meta(raw).get("num_samples")
+            n = int(n) if isinstance(n, int) and n > 0 else int(self._decode_audio(raw).shape[0])
+        except BadSample:
+            return 0
+        return 0 if n < cfg.min_samples else min(n, cfg.max_samples)
+
+    @staticmethod
+    def item_length(item: dict) -> int:
+        """An item's size in the sense of :meth:`item_size` (speech)."""
+        return int(item["audio"].shape[0])
+
     # ------------------------------------------------------------------ vision
     def _build_vision(self):
         from torchvision.io import ImageReadMode

@@ -1,6 +1,6 @@
 """The training data stream: shards (or a synthetic source) -> per-slot shuffled samples -> batches.
 
-Slots (scaling-anchors §3.2, "design for our tar shards"; :mod:`scaling.data.partition`). A job
+Slots (:mod:`scaling.data.partition`, after mosaicml/streaming's elastic determinism). A job
 has ``world_size x max(1, data.num_workers)`` slots, one per (rank, DataLoader worker). Epoch ``e``
 reads the shards in a permutation drawn from ``(seed, e)``; the concatenation of their samples is
 cut into one contiguous, equal (+-1) run of positions per slot. Every sample is read exactly once
@@ -32,6 +32,32 @@ order tells which positions of the current window were handed out) into a catch-
 is skipped or read twice (a text document the old slot was inside of is read again whole). It
 says so in a warning.
 
+Bucketed speech batches (``build_loader(max_batch_audio_samples=N)``, N > 0; speech only). Fixed-count
+batches of 2-20 s clips are mostly padding. As fairseq's ``max_tokens`` (``batch_by_size`` over
+``ordered_indices``, :mod:`scaling.data.bucketing`; docs/data.md), a batch then holds as many
+utterances as fit ``count x longest <= N`` samples of audio, and ``micro_batch_size`` only bounds the
+count (0: no bound). Each shuffle window of the slot's stream is the look-ahead: its samples' item
+lengths (from the ``json`` ``num_samples``, no decode) are sorted longest first, cut greedily under
+N, and the window's batches are emitted in an order drawn from ``(seed, segment, slot, window)``,
+so the model does not see long-then-short runs; a window's samples are decoded batch by batch (only
+the window's encoded bytes are held, as for fixed-count batches). Batches never straddle windows
+or epochs. The cursor is ``(segment, window start, next batch, mask)``, ``mask`` the bit set (hex) of
+the window's samples already handed out: a same-layout resume re-reads that one window, re-plans
+it (a pure function of the window) and goes on at the next batch, exactly. The batching
+(``audio:N:bound:window`` or ``items``) is part of the layout: a resume under another budget, bound
+or window, or between fixed-count and bucketed batches, takes the catch-up path below, whose
+unread positions of the current window are the ones outside ``mask``, so every sample is still
+read once (the catch-up list is then batched the new way).
+
+Remote shards (:func:`scaling.data.shards.is_remote`: ``pipe:`` commands and http(s) URLs, opened by
+webdataset's ``gopen``). A stream cannot seek, so a run that starts inside a remote shard reads the
+shard from its start and drops the samples before the run's first (a read of the skipped bytes,
+not a decode). That happens once per resume, and once per epoch for each slot whose run starts
+inside a shard; runs that continue where the last one stopped reuse the open stream, as for local
+shards. Counts come from the shard set's index, which remote shards must have. A stream that
+fails or ends early is handled like a truncated local shard (warned, counted as
+``truncated_lost``, subject to ``data.max_bad_fraction``); webdataset runs curl with ``--retry 30``.
+
 ``data.train_shards == "synthetic"``: an infinite synthetic source (sum of sinusoids for speech,
 rectangles on gradients for vision, a Markov chain for text), deterministic per
 ``(seed, global sample index)``. Synthetic "epochs" are blocks of ``synthetic_epoch_size``
@@ -43,22 +69,23 @@ from __future__ import annotations
 
 import collections
 import copy
+import io
 import logging
 import os
 import re
 import tarfile
 import warnings
 import zlib
-from typing import Iterator, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 import torch
 
 from scaling.config import DataConfig, MaskingConfig, ModelConfig
-from scaling.data import partition
+from scaling.data import bucketing, partition
 from scaling.data.collate import BOS_ID, EOS_ID, SampleProcessor
 from scaling.data.quality import STAT_NAMES, BadSample, DataCounters, check_bad_fraction
-from scaling.data.shards import check_shard_set, expand_shards
+from scaling.data.shards import check_shard_set, expand_shards, is_remote, shard_name
 from scaling.masking import sample_rng
 
 __all__ = ["Loader", "build_loader", "sample_id", "BOS_ID", "EOS_ID", "CATCHUP"]
@@ -66,6 +93,10 @@ __all__ = ["Loader", "build_loader", "sample_id", "BOS_ID", "EOS_ID", "CATCHUP"]
 log = logging.getLogger("scaling.data")
 
 STATE_VERSION = 2
+# What a resume must match for the exact path (else the catch-up); states from before bucketed
+# batching have no "batching" key and were fixed-count.
+_LAYOUT_KEYS = ("world_size", "workers", "window", "batching")
+_STATE_DEFAULTS = {"batching": "items"}
 DEFAULT_SYNTHETIC_EPOCH_SIZE = 100_000
 CATCHUP = -1  # the segment id of the catch-up list after a resume on another layout
 
@@ -76,8 +107,9 @@ _TAG_MARKOV = 0x4D41_524B
 
 
 def sample_id(shard_path: str, key: str) -> int:
-    """Stable id of a webdataset sample: crc32 of ``<shard basename>/<__key__>``."""
-    return zlib.crc32(f"{os.path.basename(shard_path)}/{key}".encode())
+    """Stable id of a webdataset sample: crc32 of ``<shard name>/<__key__>`` (the name is the basename
+    of a local shard, and the same name for a remote one: :func:`scaling.data.shards.shard_name`)."""
+    return zlib.crc32(f"{shard_name(shard_path)}/{key}".encode())
 
 
 # ============================================================================= tar reading
@@ -133,9 +165,21 @@ def _sample_offsets(path: str) -> list[int]:
     return offsets
 
 
+def _close_stream(f) -> None:
+    """Close a shard stream. A remote one (webdataset's ``Pipe``) closed before its end makes its
+    command exit on a broken pipe, which ``Pipe.close`` reports as an OSError: expected here, since
+    every read already checked the command's status."""
+    try:
+        f.close()
+    except OSError:
+        pass
+
+
 class _TarReader:
     """Reads runs of samples from shards. A run that continues where the last one stopped reuses the
-    open stream; any other start seeks to the sample's header. Per-process (each worker has its own)."""
+    open stream; any other start seeks to the sample's header (local shards) or reads the stream
+    from its start and skips the samples before it (remote shards, which cannot seek: a read of
+    the skipped bytes). Per-process (each worker has its own)."""
 
     def __init__(self):
         self._offsets: collections.OrderedDict[str, list[int]] = collections.OrderedDict()
@@ -144,7 +188,7 @@ class _TarReader:
 
     def close(self) -> None:
         if self._open is not None:
-            self._open[3].close()
+            _close_stream(self._open[3])
             self._open = None
 
     def _offsets_of(self, path: str) -> list[int]:
@@ -163,6 +207,13 @@ class _TarReader:
             return [], None  # reported where the shard ends, in the run that holds that position
         if self._open is not None and self._open[:2] == (path, lo):
             samples, f = self._open[2], self._open[3]
+        elif is_remote(path):
+            self.close()
+            f, samples, skipped, error = self._open_remote(path, lo)
+            if skipped < lo:  # as a local shard whose readable samples end before lo
+                _close_stream(f)
+                why = f"its stream ends after {skipped} samples ({repr(error) if error else 'end of archive'})"
+                return [], self._truncated(path, lo, hi, why)
         else:
             self.close()
             f = open(path, "rb")
@@ -183,11 +234,34 @@ class _TarReader:
         except (tarfile.TarError, OSError, EOFError) as exn:
             error = exn
         if len(out) < hi - lo:
-            f.close()
+            _close_stream(f)
             self._open = None
             return out, self._truncated(path, lo + len(out), hi, repr(error) if error else "end of archive")
         self._open = (path, hi, samples, f)
         return out, None
+
+    @staticmethod
+    def _open_remote(path: str, lo: int):
+        """A remote shard's stream (webdataset's ``gopen``: ``pipe:`` commands, http(s) through curl)
+        positioned at sample ``lo`` by reading and dropping the samples before it. Returns
+        ``(stream, samples, how many were skipped, the error that stopped the skip or None)``."""
+        from webdataset.gopen import gopen
+
+        try:
+            f = gopen(path, "rb")
+        except OSError as exn:
+            return io.BytesIO(), iter(()), 0, exn
+        samples = _grouped(path, f)
+        skipped = 0
+        try:
+            while skipped < lo:
+                next(samples)
+                skipped += 1
+        except StopIteration:
+            return f, samples, skipped, None
+        except (tarfile.TarError, OSError, EOFError) as exn:
+            return f, samples, skipped, exn
+        return f, samples, skipped, None
 
     def _truncated(self, path: str, at: int, hi: int, why: str) -> int:
         self._truncated_at[path] = min(at, self._truncated_at.get(path, at))
@@ -210,7 +284,7 @@ class _ShardSource:
 
     def __init__(self, paths: list[str], counts: list[int], seed: int, window: int, max_sample_bytes: int):
         self.paths = list(paths)
-        self.names = [os.path.basename(p) for p in paths]
+        self.names = [shard_name(p) for p in paths]
         self.counts = [int(n) for n in counts]
         self.num_samples = sum(self.counts)
         self.seed = seed
@@ -235,17 +309,21 @@ class _ShardSource:
         """The shuffled order of window ``w`` (``size`` positions) of a slot's segment."""
         return np.random.default_rng([self.seed, _TAG_WINDOW, seg + 1, slot, num_slots, w]).permutation(size)
 
-    def unread(self, seg: int, slot: int, num_slots: int, raw: int) -> list[partition.Interval]:
+    def unread(self, seg: int, slot: int, num_slots: int, raw: int, done: Optional[int] = None) -> list[partition.Interval]:
         """The positions of a slot's segment not yet handed out at cursor position ``raw``: the
         current window's positions after ``raw`` in shuffled order (the sample at ``raw`` included,
-        a partly handed-out document is read again) and every later window."""
+        a partly handed-out document is read again) and every later window. ``done`` (bucketed
+        batches, where ``raw`` is the window's start): a bit mask of the window's shuffled indices
+        already handed out; the window's other positions are the unread ones."""
         ivs = self.intervals(seg, slot, num_slots)
         n, B = partition.total(ivs), self.window
         a = raw // B * B
         b = min(n, a + B)
         if a >= n:
             return []
-        rest = sorted(a + int(j) for j in self.window_order(seg, slot, num_slots, a // B, b - a)[raw - a:])
+        order = self.window_order(seg, slot, num_slots, a // B, b - a)
+        pending = range(raw - a, b - a) if done is None else [j for j in range(b - a) if not done >> j & 1]
+        rest = sorted(a + int(order[j]) for j in pending)
         out: list[partition.Interval] = []
         for p in rest:  # runs of consecutive positions, as intervals
             (epoch, start, stop), = partition.window(ivs, p, p + 1)
@@ -255,8 +333,9 @@ class _ShardSource:
                 out.append((epoch, start, stop))
         return out + partition.after(ivs, b)
 
-    def stream(self, slot: int, num_slots: int, seg: int, raw_start: int) -> Iterator[tuple[int, int, int, object]]:
-        """``(segment, position, epoch, raw sample or _Lost)`` from the cursor on, forever."""
+    def windows(self, slot: int, num_slots: int, seg: int, raw_start: int) -> Iterator[tuple[int, int, list]]:
+        """``(segment, first position, [(epoch, raw sample or _Lost)] in shuffled order)`` of each
+        shuffle window that holds positions from ``raw_start`` on, forever."""
         if self._reader is None:
             self._reader = _TarReader()
         B = self.window
@@ -265,13 +344,21 @@ class _ShardSource:
             n = partition.total(ivs)
             for w in range(raw_start // B, -(-n // B)):
                 a, b = w * B, min(n, (w + 1) * B)
+                if b <= raw_start:
+                    continue  # the cursor is at the segment's end
                 entries = self._read(partition.window(ivs, a, b))
                 perm = self.window_order(seg, slot, num_slots, w, b - a)
-                for j in range(max(raw_start - a, 0), b - a):
-                    epoch, entry = entries[perm[j]]
-                    yield seg, a + j, epoch, entry
+                yield seg, a, [entries[j] for j in perm]
             raw_start = 0
             seg = self.next_segment(seg)
+
+    def stream(self, slot: int, num_slots: int, seg: int, raw_start: int) -> Iterator[tuple[int, int, int, object]]:
+        """``(segment, position, epoch, raw sample or _Lost)`` from the cursor on, forever."""
+        for s, a, entries in self.windows(slot, num_slots, seg, raw_start):
+            # Segments only move forward, so only the cursor's own window starts inside.
+            for j in range(max(raw_start - a, 0) if s == seg else 0, len(entries)):
+                epoch, entry = entries[j]
+                yield s, a + j, epoch, entry
 
     def _read(self, ivs: list[partition.Interval]) -> list[tuple[int, object]]:
         entries: list[tuple[int, object]] = []
@@ -283,6 +370,15 @@ class _ShardSource:
                 entries += [(epoch, _Lost(self.names[shard], k == ended_at)) for k in range(lo + len(got), hi)]
         return entries
 
+    def item_size(self, proc: SampleProcessor, entry) -> int:
+        """The length of the item a sample will give (bucketed batches), without decoding it when its
+        metadata says; 0 when it will give none (lost, oversized, malformed, bad)."""
+        if isinstance(entry, _Lost) or "__malformed__" in entry:
+            return 0
+        if sum(len(v) for k, v in entry.items() if not k.startswith("__")) > self.max_sample_bytes:
+            return 0
+        return proc.item_size(entry)
+
     def items(self, proc: SampleProcessor, entry, epoch: int, counters: DataCounters, count: bool) -> list[dict]:
         if isinstance(entry, _Lost):
             if count:
@@ -291,7 +387,7 @@ class _ShardSource:
                 counters.add(epoch, "truncated_shard", int(entry.first), shard=entry.shard)
             return []
         url, key = entry["__url__"], entry["__key__"]
-        shard = os.path.basename(url)
+        shard = shard_name(url)
         try:
             size = sum(len(v) for k, v in entry.items() if not k.startswith("__"))
             if size > self.max_sample_bytes:
@@ -318,6 +414,8 @@ class _SyntheticSource:
         self.seed = seed
         self.epoch_size = int(epoch_size)
         self.num_samples = self.epoch_size
+        # Bucketed batches sort windows of this many positions (the synthetic stream has no shuffle window).
+        self.bucket_window = max(1, int(data_cfg.shuffle_buffer))
         self._markov = None
 
     def describe(self) -> str:
@@ -331,6 +429,20 @@ class _SyntheticSource:
                 yield epoch, r, epoch, g0 + r * num_slots
             raw_start = 0
             epoch += 1
+
+    def windows(self, slot: int, num_slots: int, seg: int, raw_start: int) -> Iterator[tuple[int, int, list]]:
+        """As :meth:`_ShardSource.windows`, over windows of ``bucket_window`` positions."""
+        K, epoch = self.bucket_window, seg
+        while True:
+            g0, n = epoch * self.epoch_size + slot, len(range(slot, self.epoch_size, num_slots))
+            for a in range(raw_start // K * K, n, K):
+                if min(n, a + K) > raw_start:
+                    yield epoch, a, [(epoch, g0 + r * num_slots) for r in range(a, min(n, a + K))]
+            raw_start = 0
+            epoch += 1
+
+    def item_size(self, proc: SampleProcessor, g: int) -> int:
+        return min(self._speech_length(sample_rng(self.seed, g, _TAG_SYNTH)), self.data_cfg.speech.max_samples)
 
     def items(self, proc: SampleProcessor, g: int, epoch: int, counters: DataCounters, count: bool) -> list[dict]:
         rng = sample_rng(self.seed, g, _TAG_SYNTH)
@@ -347,10 +459,15 @@ class _SyntheticSource:
             counters.add_good(epoch, len(items))
         return items
 
+    def _speech_length(self, rng: np.random.Generator) -> int:
+        """The clip length: the first draw of the sample's RNG (so :meth:`item_size` needs no audio)."""
+        dc = self.data_cfg.speech
+        return int(rng.integers(dc.min_samples, max(dc.min_samples, dc.max_samples) + 1))
+
     def _speech(self, rng: np.random.Generator) -> tuple[np.ndarray, int]:
         dc = self.data_cfg.speech
         sr = dc.sample_rate
-        n = int(rng.integers(dc.min_samples, max(dc.min_samples, dc.max_samples) + 1))
+        n = self._speech_length(rng)
         k = int(rng.integers(2, 4))
         t = np.arange(n, dtype=np.float64) / sr
         freqs = rng.uniform(80.0, min(4000.0, 0.45 * sr), size=k)
@@ -406,27 +523,62 @@ class _SyntheticSource:
 
 
 # ============================================================================= one slot
+class _Batching(NamedTuple):
+    """How a slot cuts its items into batches. ``max_audio`` 0: ``max_items`` items per batch.
+    ``max_audio`` > 0: length-bucketed batches of at most ``max_audio`` padded samples of audio and
+    at most ``max_items`` items (0: no bound), sorted inside windows of ``window`` positions."""
+
+    max_items: int
+    max_audio: int = 0
+    window: int = 1
+
+    def describe(self) -> str:
+        """What the resume state records: a fixed-count cursor resumes under any ``max_items``; a
+        bucketed one only under the same budget, bound and window."""
+        return "items" if not self.max_audio else f"audio:{self.max_audio}:{self.max_items}:{self.window}"
+
+
+class _SegmentGuard:
+    """Where a slot's stream ends: at ``stop_epoch`` (finite passes), or with an error once two whole
+    segments went by without one usable sample (all bad), instead of looping for ever."""
+
+    def __init__(self, source, slot: int, num_slots: int, seg0: int, stop_epoch: Optional[int]):
+        self.source, self.slot, self.num_slots, self.stop_epoch = source, slot, num_slots, stop_epoch
+        self.seg, self.idle = seg0, 0  # idle: segments entered since the last usable sample
+
+    def stop_at(self, seg: int) -> bool:
+        if seg == self.seg:
+            return False
+        self.seg, self.idle = seg, self.idle + 1
+        if self.stop_epoch is not None and seg >= self.stop_epoch:
+            return True
+        if self.idle > 2:
+            raise RuntimeError(f"slot {self.slot} of {self.num_slots} (rank x worker) got no usable sample in two "
+                               f"whole epochs ({self.source.describe()}); are all its samples bad?")
+        return False
+
+
 def _slot_batches(source, proc: SampleProcessor, slot: int, num_slots: int, worker: int, cursor, counters_state,
-                  micro_batch_size: int, stop_epoch: Optional[int]):
+                  batching: _Batching, stop_epoch: Optional[int]):
     """A slot's batches from ``cursor`` on: ``(worker, batch, cursor after it, counters, epoch)``.
 
     ``stop_epoch``: end (with a last, possibly short batch) where that epoch would start."""
+    if batching.max_audio:
+        yield from _bucketed_batches(source, proc, slot, num_slots, worker, cursor, counters_state, batching, stop_epoch)
+        return
+    micro_batch_size = batching.max_items
     counters = DataCounters(counters_state)
     seg0, raw0, sub0 = cursor
     items: list[dict] = []
-    last_seg, idle_segments, epoch = seg0, 0, seg0
+    epoch = seg0
+    guard = _SegmentGuard(source, slot, num_slots, seg0, stop_epoch)
     for seg, raw, epoch, entry in source.stream(slot, num_slots, seg0, raw0):
-        if seg != last_seg:
-            last_seg, idle_segments = seg, idle_segments + 1
-            if stop_epoch is not None and seg >= stop_epoch:
-                break
-            if idle_segments > 2:
-                raise RuntimeError(f"slot {slot} of {num_slots} (rank x worker) got no usable sample in two whole "
-                                   f"epochs ({source.describe()}); are all its samples bad?")
+        if guard.stop_at(seg):
+            break
         resumed = (seg, raw) == (seg0, raw0) and sub0 > 0  # this sample was counted before the checkpoint
         produced = source.items(proc, entry, epoch, counters, count=not resumed)
         for sub in range(sub0 if resumed else 0, len(produced)):
-            idle_segments = 0
+            guard.idle = 0
             items.append(produced[sub])
             if len(items) == micro_batch_size:
                 # The cursor names the next item: past a finished sample, the next position.
@@ -437,23 +589,59 @@ def _slot_batches(source, proc: SampleProcessor, slot: int, num_slots: int, work
         yield worker, proc.collate(items), None, counters.state_dict(), epoch
 
 
+def _bucketed_batches(source, proc: SampleProcessor, slot: int, num_slots: int, worker: int, cursor, counters_state,
+                      batching: _Batching, stop_epoch: Optional[int]):
+    """:func:`_slot_batches` for length-bucketed batches (module docstring, "Bucketed speech batches").
+
+    The cursor is ``(segment, window start, next batch of the window, mask)``: ``mask`` (hex) has
+    bit ``j`` set when the window's shuffled sample ``j`` was handed out, which a resume on another
+    layout needs (:meth:`_ShardSource.unread`). A window's samples are decoded batch by batch, and
+    counted when their batch is made, as in fixed-count batches."""
+    counters = DataCounters(counters_state)
+    seg0, a0, next0 = (int(v) for v in cursor[:3])
+    done0 = int(cursor[3], 16) if len(cursor) > 3 else 0
+    # a window's start (or the segment's end, after its last window) and, inside a window, its mask
+    assert next0 == 0 or (len(cursor) > 3 and a0 % batching.window == 0), cursor
+    guard = _SegmentGuard(source, slot, num_slots, seg0, stop_epoch)
+    for seg, a, entries in source.windows(slot, num_slots, seg0, a0):
+        if guard.stop_at(seg):
+            break
+        resumed = (seg, a) == (seg0, a0)
+        sizes = [source.item_size(proc, entry) for _, entry in entries]
+        plan = bucketing.plan_window(sizes, batching.max_audio, batching.max_items)
+        order = bucketing.batch_order(source.seed, seg, slot, num_slots, a // batching.window, len(plan))
+        done = done0 if resumed else 0
+        for k in range(next0 if resumed else 0, len(plan)):
+            items: list[dict] = []
+            for j in plan[order[k]]:
+                epoch, entry = entries[j]
+                got = source.items(proc, entry, epoch, counters, count=True)
+                assert all(proc.item_length(it) == sizes[j] for it in got), (sizes[j], [proc.item_length(it) for it in got])
+                items += got
+                done |= 1 << j
+            after = (seg, a, k + 1, f"{done:x}") if k + 1 < len(plan) else (seg, a + len(entries), 0, "0")
+            if items:  # a batch of bad samples only gives nothing; the next batch's cursor covers it
+                guard.idle = 0
+                yield worker, proc.collate(items), after, counters.state_dict(), epoch
+
+
 class _WorkerSlots(torch.utils.data.IterableDataset):
     """DataLoader worker ``p`` runs the slot of logical worker ``(p + first) % workers``: the
     DataLoader's round-robin always starts at worker 0, and a resumed loader must start at ``first``."""
 
     def __init__(self, source, proc, rank: int, workers: int, num_slots: int, cursors, counters, first: int,
-                 micro_batch_size: int, stop_epoch: Optional[int]):
+                 batching: _Batching, stop_epoch: Optional[int]):
         super().__init__()
         self.source, self.proc = source, proc
         self.rank, self.workers, self.num_slots = rank, workers, num_slots
         self.cursors, self.counters, self.first = cursors, counters, first
-        self.micro_batch_size, self.stop_epoch = micro_batch_size, stop_epoch
+        self.batching, self.stop_epoch = batching, stop_epoch
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         w = ((0 if info is None else info.id) + self.first) % self.workers
         return _slot_batches(self.source, self.proc, self.rank * self.workers + w, self.num_slots, w,
-                             self.cursors[w], self.counters[w], self.micro_batch_size, self.stop_epoch)
+                             self.cursors[w], self.counters[w], self.batching, self.stop_epoch)
 
 
 def _identity(x):
@@ -469,16 +657,21 @@ class Loader:
     """Iterator of micro-batches (dict of CPU tensors) with exact resume; infinite unless ``epochs``.
 
     ``state_dict()`` holds plain ints/strings only (safe for ``torch.load(weights_only=True)``).
-    ``epoch``: the epoch of the last item handed out (the start epoch before the first batch)."""
+    ``epoch``: the epoch of the last item handed out (the start epoch before the first batch).
+    ``max_batch_audio_samples`` > 0: length-bucketed batches (see :func:`build_loader`)."""
 
     def __init__(self, source, proc: SampleProcessor, *, seed: int, rank: int, world_size: int,
                  micro_batch_size: int, num_workers: int = 0, epochs: Optional[int] = None,
-                 max_bad_fraction: float = 1.0, bad_check_min_samples: int = 0):
-        if micro_batch_size <= 0:
-            raise ValueError("micro_batch_size must be positive")
+                 max_bad_fraction: float = 1.0, bad_check_min_samples: int = 0, max_batch_audio_samples: int = 0):
+        if max_batch_audio_samples < 0:
+            raise ValueError(f"max_batch_audio_samples must be >= 0 (0: fixed-count batches), got {max_batch_audio_samples}")
+        if micro_batch_size < 0 or (micro_batch_size == 0 and not max_batch_audio_samples):
+            raise ValueError("micro_batch_size must be positive (or 0 = no bound, with max_batch_audio_samples)")
         self.source, self.proc = source, proc
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.micro_batch_size = micro_batch_size
+        window = getattr(source, "window", None) or getattr(source, "bucket_window", 1)
+        self.batching = _Batching(int(micro_batch_size), int(max_batch_audio_samples), int(window))
         self.num_workers = int(num_workers)
         self.workers = max(1, self.num_workers)
         self.num_slots = world_size * self.workers
@@ -516,10 +709,10 @@ class Loader:
         stop = self.epochs
         if self.num_workers == 0:
             return _slot_batches(self.source, self.proc, self.rank, self.num_slots, 0, self._cursors[0],
-                                 self._counters[0], self.micro_batch_size, stop)
+                                 self._counters[0], self.batching, stop)
         dl = torch.utils.data.DataLoader(
             _WorkerSlots(self.source, self.proc, self.rank, self.workers, self.num_slots, list(self._cursors),
-                         list(self._counters), self._next_worker, self.micro_batch_size, stop),
+                         list(self._counters), self._next_worker, self.batching, stop),
             batch_size=None, num_workers=self.num_workers, collate_fn=_identity, worker_init_fn=_worker_init,
             # A private generator: creating the DataLoader must not consume the global RNG.
             generator=torch.Generator().manual_seed(self.seed), prefetch_factor=2, persistent_workers=False)
@@ -554,7 +747,7 @@ class Loader:
     def _layout(self) -> dict:
         return {"seed": int(self.seed), "world_size": int(self.world_size), "workers": int(self.workers),
                 "window": int(getattr(self.source, "window", 1)), "source": self.source.describe(),
-                "modality": self.proc.modality}
+                "modality": self.proc.modality, "batching": self.batching.describe()}
 
     def state_dict(self) -> dict:
         return {
@@ -562,7 +755,8 @@ class Loader:
             "rank": int(self.rank),
             **self._layout(),
             "epoch": int(self.epoch),
-            "cursors": [[int(v) for v in c] for c in self._cursors],
+            # ints, and a bucketed cursor's hex mask of the window's handed-out samples
+            "cursors": [[v if isinstance(v, str) else int(v) for v in c] for c in self._cursors],
             "counters": [dict(c) for c in self._counters],
             "next_worker": int(self._next_worker),
             "catchup": [list(map(int, iv)) for iv in getattr(self.source, "catchup", [])],
@@ -574,18 +768,18 @@ class Loader:
             raise ValueError(f"loader state version {d.get('version')} != {STATE_VERSION}")
         mine = {**self._layout(), "rank": self.rank}
         for k in keys:
-            if d.get(k) != mine[k]:
+            if d.get(k, _STATE_DEFAULTS.get(k)) != mine[k]:
                 raise ValueError(f"loader state has {k}={d.get(k)!r} but this loader has {k}={mine[k]!r}; "
                                  "resuming on other data is not supported")
 
     def same_layout(self, d: dict) -> bool:
-        """Whether a saved state has this loader's world size, worker count and shuffle window."""
-        return all(d.get(k) == v for k, v in self._layout().items() if k in ("world_size", "workers", "window"))
+        """Whether a saved state has this loader's world size, worker count, shuffle window and batching."""
+        return all(d.get(k, _STATE_DEFAULTS.get(k)) == v for k, v in self._layout().items() if k in _LAYOUT_KEYS)
 
     def load_state_dict(self, d: dict) -> None:
-        """Exact resume on the same layout (world size, workers, shuffle window)."""
-        self._check(d, ("seed", "source", "modality", "world_size", "workers", "window", "rank"))
-        self._cursors = [tuple(int(v) for v in c) for c in d["cursors"]]
+        """Exact resume on the same layout (world size, workers, shuffle window, batching)."""
+        self._check(d, ("seed", "source", "modality", *_LAYOUT_KEYS, "rank"))
+        self._cursors = [tuple(v if isinstance(v, str) else int(v) for v in c) for c in d["cursors"]]
         self._counters = [dict(c) for c in d["counters"]]
         self._next_worker = int(d["next_worker"])
         self.epoch = int(d["epoch"])
@@ -601,7 +795,7 @@ class Loader:
             raise ValueError("no loader state to resume from")
         for d in states:
             self._check(d, ("seed", "source", "modality"))
-        old = {k: states[0][k] for k in ("world_size", "workers", "window")}
+        old = {k: states[0].get(k, _STATE_DEFAULTS.get(k)) for k in _LAYOUT_KEYS}
         if self.same_layout(states[0]):
             mine = [d for d in states if d.get("rank") == self.rank]
             if len(mine) != 1:
@@ -619,10 +813,13 @@ class Loader:
         for d in states:
             old_source.catchup = [tuple(iv) for iv in d["catchup"]]
             old_source.after_catchup = int(d["after_catchup"])
-            for w, (seg, raw, sub) in enumerate(d["cursors"]):
+            for w, cursor in enumerate(d["cursors"]):
+                seg, raw, sub = (int(v) for v in cursor[:3])
+                done = int(cursor[3], 16) if len(cursor) > 3 else None  # a bucketed cursor: the window's mask
                 slot = int(d["rank"]) * old["workers"] + w
-                partial += sub > 0
-                slots.append({"slot": slot, "num_slots": num_old, "unread": old_source.unread(seg, slot, num_old, raw),
+                partial += sub > 0 and done is None
+                slots.append({"slot": slot, "num_slots": num_old,
+                              "unread": old_source.unread(seg, slot, num_old, raw, done),
                               "next_epoch": old_source.next_segment(seg)})
             counters += [DataCounters(c) for c in d["counters"]]
         catchup, after = partition.leftover(slots, self.source.num_samples)
@@ -634,8 +831,10 @@ class Loader:
         self._next_worker = 0
         self.epoch = min(iv[0] for iv in catchup) if catchup else after
         self.close()
+        batching = ("" if old["batching"] == self.batching.describe()
+                    else f" (batching {old['batching']} -> {self.batching.describe()})")
         msg = (f"resuming the data stream on {self.world_size} ranks x {self.workers} workers from a checkpoint of "
-               f"{old['world_size']} x {old['workers']}: the {partition.total(catchup)} samples it had not read "
+               f"{old['world_size']} x {old['workers']}{batching}: the {partition.total(catchup)} samples it had not read "
                f"(epochs {self.epoch}..{after - 1}) are split over the new slots, then epoch {after} starts. "
                f"Nothing is skipped or read twice, except the rest of {partial} text documents the old slots "
                "were inside of (read again from their first block).")
@@ -655,16 +854,31 @@ def build_loader(
     micro_batch_size: int,
     synthetic_epoch_size: Optional[int] = None,
     epochs: Optional[int] = None,
+    max_batch_audio_samples: int = 0,
 ) -> Loader:
     """The loader of one rank (see the module docstring); infinite, or ``epochs`` whole epochs.
 
     Shards are checked against their indexes first (:func:`scaling.data.shards.check_shard_set`).
     ``synthetic_epoch_size`` (synthetic source only): global samples per synthetic epoch
-    (default 100,000); tests use a small one to cross epoch boundaries."""
+    (default 100,000); tests use a small one to cross epoch boundaries.
+
+    ``max_batch_audio_samples`` (speech): 0 gives batches of ``micro_batch_size`` utterances; > 0
+    gives length-bucketed batches of at most that many samples of padded audio (utterances x the
+    longest one), each with at most ``micro_batch_size`` utterances (0: no bound). It must be at
+    least ``data.speech.max_samples``, so the longest clip fits a batch on its own."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} not in [0, {world_size})")
     if seed < 0:
         raise ValueError("seed must be non-negative")
+    if max_batch_audio_samples:
+        if model_cfg.modality != "speech":
+            raise ValueError(f"max_batch_audio_samples (train.micro_batch_seconds) bounds speech batches; "
+                             f"model.modality is {model_cfg.modality!r}")
+        if max_batch_audio_samples < data_cfg.speech.max_samples:
+            raise ValueError(f"max_batch_audio_samples {max_batch_audio_samples} (train.micro_batch_seconds x "
+                             f"data.speech.sample_rate) < data.speech.max_samples {data_cfg.speech.max_samples}: "
+                             "the longest clip would not fit a micro-batch; raise train.micro_batch_seconds or "
+                             "lower data.speech.max_samples")
     proc = SampleProcessor(data_cfg, model_cfg, masking_cfg, seed)
     if data_cfg.train_shards.strip() == "synthetic":
         source = _SyntheticSource(data_cfg, model_cfg, seed, synthetic_epoch_size or DEFAULT_SYNTHETIC_EPOCH_SIZE)
@@ -680,4 +894,5 @@ def build_loader(
         source = _ShardSource(paths, counts, seed, data_cfg.shuffle_buffer, data_cfg.max_sample_bytes)
     return Loader(source, proc, seed=seed, rank=rank, world_size=world_size, micro_batch_size=micro_batch_size,
                   num_workers=data_cfg.num_workers, epochs=epochs, max_bad_fraction=data_cfg.max_bad_fraction,
-                  bad_check_min_samples=data_cfg.bad_check_min_samples)
+                  bad_check_min_samples=data_cfg.bad_check_min_samples,
+                  max_batch_audio_samples=max_batch_audio_samples)

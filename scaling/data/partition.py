@@ -7,8 +7,10 @@ samples form the epoch's sequence of ``N`` positions (counts from the shard-set 
 Slots. A job has ``world_size x max(1, num_workers)`` slots; slot ``rank * workers + worker``.
 Every epoch, slot ``s`` of ``S`` reads the contiguous run of positions ``[s*N//S, (s+1)*N//S)``:
 every sample is read exactly once per epoch across the job, slots differ by at most one sample,
-and a shard is split between at most two neighbouring slots (scaling-anchors §3.2: a manifest of
-sample counts gives exact epochs; round-robin whole shards would leave uneven shard sets unequal).
+and a shard is split between at most two neighbouring slots. A manifest of sample counts gives
+exact epochs (as in mosaicml/streaming, ``docs/source/distributed_training/elastic_determinism.md``);
+webdataset's whole-shard ``split_by_node`` / ``split_by_worker`` would give uneven shard sets unequal
+sample counts per rank, which hangs collectives (webdataset/webdataset#225).
 
 Layout change. :func:`leftover` turns the cursors of an old layout into one *catch-up* list of
 intervals that the new layout splits the same way before it goes on with the next whole epoch.

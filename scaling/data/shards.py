@@ -18,6 +18,18 @@ vocabulary size and special ids). :func:`check_shard_set` (called by the loader 
 shards that are not listed in their index, whose size differs from it, whose modality is not the
 model's, or (text) that were made with another tokenizer. Shards without an index still load,
 with a warning.
+
+Remote shards. A shard spec may also be anything webdataset's ``gopen`` opens as a stream:
+``pipe:<command>`` (the command's stdout is the tar) or an ``http(s)://`` URL (read through
+``curl``, as webdataset does), brace patterns of either. A remote shard's *name* is the last
+``*.tar`` word of its spec (``pipe:curl -s http://h/d/train-000003.tar | cat`` is
+``train-000003.tar``), so sample ids, the shuffle and the resume state are the same as for a
+local copy of the set. Its index is the same spec with the shard name replaced by
+``<prefix>.index.json`` (``pipe:cat d/train.index.json``, ``http://h/d/train.index.json``) and is
+read through ``gopen`` too. Remote shards must have a reachable index: a stream cannot be counted
+without reading all of it, and the slots' partition needs every count before the first sample.
+Their existence and byte sizes are not checked at start (that would cost a request per shard); a
+shard that cannot be read is found when it is read, like a truncated one.
 """
 
 from __future__ import annotations
@@ -51,6 +63,8 @@ __all__ = [
     "expand_shards",
     "index_path",
     "index_path_of_shard",
+    "is_remote",
+    "shard_name",
     "read_index",
     "check_shard_set",
     "file_sha256",
@@ -175,10 +189,40 @@ def index_path(out_dir: str, prefix: str = "train") -> str:
     return os.path.join(out_dir, prefix + INDEX_SUFFIX)
 
 
+_REMOTE_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_REMOTE_TAR_NAME = re.compile(r"[^/\s'\"|;&<>]+\.tar(?![\w.-])")
+
+
+def is_remote(shard: str) -> bool:
+    """Whether a shard spec is a stream for webdataset's ``gopen`` (``pipe:...``, ``http(s)://...``)
+    rather than a local path (``file://`` URLs count as local files for gopen, but are not accepted here)."""
+    return shard.startswith("pipe:") or (_REMOTE_SCHEME.match(shard) is not None and not shard.startswith("file:"))
+
+
+def shard_name(shard: str) -> str:
+    """The shard's file name, which sample ids and the index use: the basename of a local path; for a
+    remote spec the last ``*.tar`` word in it (else the basename of its URL path)."""
+    if not is_remote(shard):
+        return os.path.basename(shard)
+    names = _REMOTE_TAR_NAME.findall(shard)
+    if names:
+        return names[-1]
+    from urllib.parse import urlparse
+
+    return os.path.basename(urlparse(shard).path) or shard
+
+
 def index_path_of_shard(shard_path: str) -> Optional[str]:
-    """Where the index of a shard named ``<prefix>-NNNNNN.tar`` lives (None for other names)."""
-    m = _SHARD_NAME.fullmatch(os.path.basename(shard_path))
-    return None if m is None else index_path(os.path.dirname(shard_path), m["prefix"])
+    """Where the index of a shard named ``<prefix>-NNNNNN.tar`` lives (None for other names). For a
+    remote spec: the same spec with that name replaced by ``<prefix>.index.json``."""
+    name = shard_name(shard_path)
+    m = _SHARD_NAME.fullmatch(name)
+    if m is None:
+        return None
+    if not is_remote(shard_path):
+        return index_path(os.path.dirname(shard_path), m["prefix"])
+    at = shard_path.rfind(name)
+    return shard_path[:at] + m["prefix"] + INDEX_SUFFIX + shard_path[at + len(name):]
 
 
 def _spec_of(names: list[str], prefix: str) -> str:
@@ -287,8 +331,14 @@ def write_shards(out_dir: str, samples: Iterable[dict], *, prefix: str = "train"
 def read_index(path: str) -> dict:
     """A shard-set index; ValueError naming the file if it is not one this code can read."""
     try:
-        with open(path) as f:
-            index = json.load(f)
+        if is_remote(path):
+            from webdataset.gopen import gopen
+
+            with gopen(path, "rb") as f:  # a Pipe: raises OSError when the command/curl fails
+                index = json.loads(f.read())
+        else:
+            with open(path) as f:
+                index = json.load(f)
     except (OSError, ValueError) as exn:
         raise ValueError(f"shard index {path} cannot be read: {exn}") from None
     if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT or not isinstance(index.get("shards"), list):
@@ -315,20 +365,34 @@ def check_shard_set(paths: list[str], *, modality: str, tokenizer: Optional[str]
     unindexed: list[str] = []
     counts: list[Optional[int]] = []
     for p in paths:
-        if not os.path.isfile(p):
+        remote = is_remote(p)
+        if not remote and not os.path.isfile(p):
             raise ValueError(f"shard file not found: {p}")
         ip = index_path_of_shard(p)
-        if ip is None or not os.path.isfile(ip):
+        if remote and ip is None:
+            raise ValueError(f"remote shard {p}: its name {shard_name(p)!r} is not <prefix>-NNNNNN.tar, so it has no "
+                             "index to take its sample count from; remote shards need their set's index")
+        if not remote and (ip is None or not os.path.isfile(ip)):
             unindexed.append(p)
             counts.append(None)
             continue
         if ip not in indexes:
-            indexes[ip] = read_index(ip)
+            try:
+                indexes[ip] = read_index(ip)
+            except ValueError as exn:
+                if not remote:
+                    raise
+                raise ValueError(f"remote shard {p}: no readable index at {ip} ({exn}); remote shards need their "
+                                 "set's <prefix>.index.json beside them (a stream cannot be counted without "
+                                 "reading all of it)") from None
         index = indexes[ip]
-        entry = next((e for e in index["shards"] if e.get("name") == os.path.basename(p)), None)
+        entry = next((e for e in index["shards"] if e.get("name") == shard_name(p)), None)
         if entry is None:
             raise ValueError(f"shard {p} is not listed in its index {ip} (which lists {index.get('spec', '?')}): "
                              "a stale or foreign file; rebuild the shard set or leave it out of data.train_shards")
+        if remote:  # sizes are not checked: that would cost a request per shard
+            counts.append(int(entry["num_samples"]))
+            continue
         size = os.path.getsize(p)
         indexed_size = entry.get("num_bytes")
         if indexed_size is not None and size > int(indexed_size):
@@ -373,7 +437,8 @@ def check_shard_set(paths: list[str], *, modality: str, tokenizer: Optional[str]
 
 def expand_shards(spec: str) -> list[str]:
     """Shard paths from a webdataset brace pattern (``dir/train-{000000..000009}.tar``) or a
-    comma-separated list of paths/patterns. Raises ValueError naming the first missing file."""
+    comma-separated list of paths/patterns. Raises ValueError naming the first missing local file;
+    remote specs (:func:`is_remote`: ``pipe:``, ``http(s)://``) are expanded but not checked here."""
     from braceexpand import braceexpand
 
     if not isinstance(spec, str) or not spec.strip():
@@ -395,10 +460,10 @@ def expand_shards(spec: str) -> list[str]:
         else:
             part.append(ch)
     paths.extend(braceexpand("".join(part).strip()))
-    paths = [os.path.expanduser(p) for p in paths if p]
+    paths = [p if is_remote(p) else os.path.expanduser(p) for p in paths if p]
     if not paths:
         raise ValueError(f"shard spec {spec!r} names no files")
     for p in paths:
-        if not os.path.isfile(p):
+        if not is_remote(p) and not os.path.isfile(p):
             raise ValueError(f"shard file not found: {p} (from spec {spec!r})")
     return paths

@@ -52,6 +52,10 @@ class Engine(ABC):
     # Which writer/reader of scaling.checkpoint.formats persists state_dict(): "full", "dcp" or "deepspeed".
     checkpoint_format: str
 
+    @classmethod
+    def check_world_size(cls, world_size: int) -> None:
+        """ValueError when this engine cannot run on a job of ``world_size`` ranks (checked before building)."""
+
     def __init__(self, engine_cfg: EngineConfig, train_cfg: TrainConfig):
         self.engine_cfg = engine_cfg
         self.precision = train_cfg.precision
@@ -59,9 +63,11 @@ class Engine(ABC):
 
     # -- building
     @abstractmethod
-    def setup(self, student: Data2Vec, teacher: EMATeacher, optim_cfg: OptimConfig,
+    def setup(self, student: Data2Vec, teacher: EMATeacher | None, optim_cfg: OptimConfig,
               schedule_cfg: ScheduleConfig, *, max_steps: int, plan: BatchPlan) -> None:
-        """Wrap/shard ``student`` and ``teacher`` alike; build optimizer, scheduler and scaler."""
+        """Wrap/shard ``student`` and ``teacher`` alike; build optimizer, scheduler and scaler.
+        ``teacher=None``: the teacher starts as a copy of the student's encoder, made by the engine
+        (fsdp: from the student's local shards after sharding, so no rank ever holds a whole one)."""
 
     _model: nn.Module  # set by setup()
     _teacher: EMATeacher

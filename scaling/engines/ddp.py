@@ -18,6 +18,10 @@ from scaling.engines.single import SingleEngine
 
 
 class DDPEngine(ProcessGroup, SingleEngine):
+    @classmethod
+    def check_world_size(cls, world_size: int) -> None:
+        pass  # any world size (SingleEngine's refusal of more than one rank is not inherited)
+
     def __init__(self, engine_cfg: EngineConfig, train_cfg: TrainConfig):
         super().__init__(engine_cfg, train_cfg)
         from scaling.distributed import env_info

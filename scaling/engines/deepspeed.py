@@ -5,7 +5,7 @@ C++ for minutes) and the LR schedule live in a ``deepspeed.initialize`` engine. 
 enters that engine: it is an fp32 module held here, partitioned like the student, and updated after
 every optimizer step with one fused ``torch._foreach_lerp_`` over this rank's teacher partition and
 this rank's piece of the optimizer's **fp32 master** weights (never the bf16/fp16 copies), with no
-communication (reference §2.7; measured recipes in ``shared/docs/sharded-teacher-deepspeed.md``).
+communication (docs/data2vec.md §2.4; the measured cases are tests/test_engine_deepspeed.py).
 
 ZeRO-3: a separate teacher partitioned by ``deepspeed.zero.Init(module=teacher.encoder, ...)``.
 ZeRO-3's layout of a parameter depends only on its numel and the world size, so each teacher
@@ -57,8 +57,14 @@ from scaling.distributed import env_info, init_process_group
 from scaling.engines.base import Engine, ProcessGroup, apply_activation_checkpointing, pick_device, tensor_bytes
 from scaling.optim import build_optimizer, build_scheduler, param_groups
 from scaling.plan import BatchPlan
+from scaling.teacher import EMATeacher
 
 _BLOCKS = "blocks."
+
+
+def _storage_id(t: torch.Tensor) -> int:
+    """Which storage a tensor views; unlike data_ptr() it tells meta tensors apart (scaling.dry_run)."""
+    return t.untyped_storage()._cdata
 
 
 def _skip_cpu_shm_build() -> None:
@@ -107,7 +113,8 @@ class DeepSpeedEngine(ProcessGroup, Engine):
     # ------------------------------------------------------------------ building
     def ds_config(self, optim_cfg: OptimConfig, plan: BatchPlan) -> dict:
         return {
-            "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+            # Only DeepSpeed's bookkeeping reads it (we split the batch); audio batches vary in size.
+            "train_micro_batch_size_per_gpu": max(1, plan.micro_batch_size),
             "gradient_accumulation_steps": plan.accumulation,
             "gradient_clipping": float(optim_cfg.grad_clip),
             "steps_per_print": 10**9,
@@ -125,6 +132,8 @@ class DeepSpeedEngine(ProcessGroup, Engine):
 
         if plan.world_size != self.world_size:
             raise ValueError(f"batch plan for world size {plan.world_size}, but {self.world_size} ranks run")
+        if teacher is None:  # zero.Init partitions a real module; its values are replaced by the masters' below
+            teacher = EMATeacher(student.encoder)
         if self.engine_cfg.activation_checkpointing:
             apply_activation_checkpointing(student, teacher)
         self.cfg = self.ds_config(optim_cfg, plan)
@@ -396,17 +405,17 @@ class DeepSpeedEngine(ProcessGroup, Engine):
         if self.stage == 3:
             params = tensor_bytes(p.ds_tensor for p in student) + tensor_bytes(p.data for p in student)
             masters = list(opt.fp32_partitioned_groups_flat)
-            low = {t.data_ptr() for t in opt.fp16_partitioned_groups_flat}
+            low = {_storage_id(t) for t in opt.fp16_partitioned_groups_flat}
             grads = sum(p.ds_tensor.numel() for p in student if p.requires_grad) * elsize
         else:
             _, flats, masters = self._z12()
             masters = list(masters)
-            low = {t.data_ptr() for t in flats}
+            low = {_storage_id(t) for t in flats}
             params = tensor_bytes(flats)
             grads = (sum(f.numel() for f in flats) if self.stage == 1 else sum(m.numel() for m in masters)) * elsize
         state = [t for s in opt.optimizer.state.values() for t in s.values()
                  if isinstance(t, torch.Tensor) and t.dim() > 0]
-        own_masters = [m for m in masters if m.data_ptr() not in low]
+        own_masters = [m for m in masters if _storage_id(m) not in low]
         _, parts = self._teacher_parts()
         return {"params": params, "grads": grads, "optimizer": tensor_bytes(own_masters + state),
                 "teacher": tensor_bytes(parts)}

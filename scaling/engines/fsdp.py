@@ -1,10 +1,10 @@
 """FSDP2 (``fully_shard``): student and fp32 EMA teacher sharded alike, EMA on local shards.
 
-Layout (torchtitan's order, scaling-anchors §5.1): activation checkpointing, then ``fully_shard``
+Layout (torchtitan's order, torchtitan/models/llama3/infra/parallelize.py): activation checkpointing, then ``fully_shard``
 on every encoder block, then on the root, for the student and for the teacher with the same mesh,
 the same units and the same ``MixedPrecisionPolicy``. Every parameter is then a DTensor sharded on
 dim 0, and a teacher parameter's local shard covers exactly the same elements as the student
-parameter of the same name, so the EMA (reference §2.7) is one ``_foreach_lerp_`` over the local
+parameter of the same name, so the EMA (docs/data2vec.md §2.4) is one ``_foreach_lerp_`` over the local
 fp32 shards with no communication.
 
 - bf16: ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``. The sharded parameters
@@ -36,6 +36,7 @@ from scaling.distributed import env_info, init_process_group
 from scaling.engines.base import Engine, ProcessGroup, apply_activation_checkpointing, pick_device
 from scaling.optim import build_optimizer, build_scheduler
 from scaling.plan import BatchPlan
+from scaling.teacher import EMATeacher
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -75,10 +76,15 @@ class FSDPEngine(ProcessGroup, Engine):
     # ------------------------------------------------------------------ building
     def setup(self, student, teacher, optim_cfg: OptimConfig, schedule_cfg: ScheduleConfig, *, max_steps: int,
               plan: BatchPlan):
+        # No teacher given: a meta copy of the encoder, sharded like the student, then filled from the
+        # student's local shards below; the whole teacher never exists anywhere.
+        from_student = teacher is None
+        if from_student:
+            teacher = EMATeacher(student.encoder, on_meta=True)
         if self.engine_cfg.activation_checkpointing:  # before sharding, student and teacher alike
             apply_activation_checkpointing(student, teacher)
-        student.to(self.device)
-        teacher.to(self.device)
+        # No .to(device) first: fully_shard moves each unit's parameters to the mesh's device as it shards
+        # them, so the whole student never sits on one device.
         raf = self.engine_cfg.reshard_after_forward
         for block in student.encoder.blocks:
             fully_shard(block, mesh=self.mesh, mp_policy=self.mp_policy, reshard_after_forward=raf)
@@ -86,12 +92,17 @@ class FSDPEngine(ProcessGroup, Engine):
         for block in teacher.encoder.blocks:
             fully_shard(block, mesh=self.mesh, mp_policy=self.mp_policy, reshard_after_forward=True)
         fully_shard(teacher, mesh=self.mesh, mp_policy=self.mp_policy, reshard_after_forward=True)
+        if from_student:
+            teacher.to_empty(device=self.device)  # allocates this rank's shards only
         self._student = self._model = student
         self._teacher = teacher
         self.optimizer = build_optimizer(student, optim_cfg)  # DTensor params: the optimizer state is sharded
         self.scheduler = build_scheduler(self.optimizer, schedule_cfg, max_steps)
         self._pairs = self._ema_pairs()
         self._locals: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        if from_student:  # identical sharding: a local copy, no communication
+            with torch.no_grad():
+                torch._foreach_copy_([t._local_tensor for t, _ in self._pairs], [s._local_tensor for _, s in self._pairs])
         self._copy_buffers()
 
     def _ema_pairs(self) -> list[tuple[DTensor, DTensor]]:

@@ -8,11 +8,18 @@ from scaling.config import EngineConfig, OptimConfig, ScheduleConfig, TrainConfi
 from scaling.plan import BatchPlan
 from scaling.engines.base import Engine, apply_activation_checkpointing, pick_device, tensor_bytes
 from scaling.optim import build_optimizer, build_scheduler
-from scaling.teacher import ema_pairs
+from scaling.teacher import EMATeacher, ema_pairs
 
 
 class SingleEngine(Engine):
     checkpoint_format = "full"
+
+    @classmethod
+    def check_world_size(cls, world_size: int) -> None:
+        # Each rank would train its own copy into the same checkpoint folder and MLflow run.
+        if world_size > 1:
+            raise ValueError(f"engine.name=single trains one process, but the launcher started {world_size} ranks "
+                             "(WORLD_SIZE): use --set engine.name=fsdp (or ddp, or deepspeed), or launch one process")
 
     def __init__(self, engine_cfg: EngineConfig, train_cfg: TrainConfig):
         super().__init__(engine_cfg, train_cfg)
@@ -20,6 +27,7 @@ class SingleEngine(Engine):
 
     def setup(self, student, teacher, optim_cfg: OptimConfig, schedule_cfg: ScheduleConfig, *, max_steps: int,
               plan: BatchPlan):
+        teacher = teacher if teacher is not None else EMATeacher(student.encoder)
         if self.engine_cfg.activation_checkpointing:
             apply_activation_checkpointing(student, teacher)
         self._student = self._model = student.to(self.device)

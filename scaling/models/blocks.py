@@ -1,15 +1,16 @@
 """Transformer building blocks shared by the three modalities.
 
 - ``Attention``: multi-head self-attention on ``F.scaled_dot_product_attention`` with separate
-  q/k/v/out Linear layers (so an HF export is a rename, reference §6), an optional k bias (BEiT has
-  none, reference §3.3), an optional additive float bias (BEiT relative positions) and a key padding
-  mask.
-- ``PostLNBlock``: wav2vec 2.0 / fairseq / RoBERTa post-LN layer (speech and text, reference §3.2, §3.4).
-- ``PreLNBlock``: BEiT pre-LN layer with layer scale and drop path (vision v1, reference §3.3).
+  q/k/v/out Linear layers (so an HF export is a rename, docs/data2vec.md §5), an optional k bias
+  (BEiT has none, docs/data2vec.md §3.3), an optional additive float bias (BEiT relative positions)
+  and a key padding mask.
+- ``PostLNBlock``: wav2vec 2.0 / fairseq / RoBERTa post-LN layer (speech and text,
+  docs/data2vec.md §3.2, §3.4).
+- ``PreLNBlock``: BEiT pre-LN layer with layer scale and drop path (vision v1, docs/data2vec.md §3.3).
 
 Every block's ``forward`` returns ``(x, tap)``. ``tap="ffn"`` gives the feed-forward output before
 dropout and the final residual add (and, post-LN, before the final LayerNorm); ``tap="block"`` gives
-the block output (reference §1.2).
+the block output (docs/data2vec.md §1.2).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ class Attention(nn.Module):
 
 class PostLNBlock(nn.Module):
     """wav2vec 2.0 ``TransformerSentenceEncoderLayer`` / fairseq ``TransformerEncoderLayer``
-    with ``normalize_before=False`` (reference §1.2, §3.2, §3.4)::
+    with ``normalize_before=False`` (docs/data2vec.md §1.2, §3.2, §3.4)::
 
         x = norm1(x + drop(attn(x)))
         ffn = fc2(drop_act(gelu(fc1(x))))      # the "ffn" tap
@@ -123,7 +124,7 @@ class DropPath(nn.Module):
 
 
 class PreLNBlock(nn.Module):
-    """BEiT block (data2vec v1 vision, reference §3.3)::
+    """BEiT block (data2vec v1 vision, docs/data2vec.md §3.3)::
 
         x = x + drop_path(gamma_1 * attn(norm1(x), rel_bias))
         m = fc2(drop(gelu(fc1(norm2(x)))))          # the "ffn" tap (before layer scale)

@@ -1,16 +1,16 @@
-"""The data2vec v1 student: ``frontend`` -> ``encoder`` -> ``head`` (reference §1.1, §2.2).
+"""The data2vec v1 student: ``frontend`` -> ``encoder`` -> ``head`` (docs/data2vec.md §1.1, §2.2).
 
 - ``frontend``: the part shared with the teacher (speech: CNN + projection + mask_emb + pos conv;
   text: embeddings; vision: nothing). It also makes the teacher's input (``teacher_x``) from the
   unmasked sample with student weights, under no_grad.
 - ``encoder``: the EMA-updated part. The teacher is ``copy.deepcopy(student.encoder)``, run in eval
   mode under no_grad on ``teacher_x`` with the same padding mask and ``num_taps=K``.
-- ``head``: the student's regression head, applied at masked positions only (reference §1.2).
+- ``head``: the student's regression head, applied at masked positions only (docs/data2vec.md §1.2).
 
 Head parameter names: ``head.proj`` (linear: speech ``final_proj``; norm_linear: vision ``lm_head``),
 ``head.norm`` (norm_linear: BEiT's final ``norm`` = HF vision ``layernorm``), ``head.fc1``/``head.fc2``
 (mlp: text ``regression_head``). Heads are dropped in an HF export except ``head.norm``
-(reference §6.1-6.3).
+(docs/data2vec.md §5.1-§5.3).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ class FrontendOutput:
     teacher_x: Tensor  # input to the teacher's encoder: unmasked sample, student weights, no_grad, detached
     padding_mask_BT: Optional[Tensor]  # bool, True = padding, at encoder positions; None for vision
     mask_BT: Tensor  # bool [B,T], True = masked, at encoder positions
-    local_features_BTD: Optional[Tensor]  # local encoder output for a variance monitor (reference §7 item 2)
+    # local encoder output, for a variance monitor (docs/data2vec.md §1.3)
+    local_features_BTD: Optional[Tensor]
 
 
 @dataclass
@@ -59,7 +60,7 @@ for _cls in (FrontendOutput, EncoderOutput, StudentOutput):
 
 class RegressionHead(nn.Module):
     """``linear``: Linear(D,D); ``mlp``: Linear(D,2D)-GELU-Linear(2D,D); ``norm_linear``:
-    LayerNorm(D) then Linear(D,D) (reference §1.2)."""
+    LayerNorm(D) then Linear(D,D) (docs/data2vec.md §1.2)."""
 
     def __init__(self, kind: str, dim: int, eps: float):
         super().__init__()
@@ -102,7 +103,7 @@ class Data2Vec(nn.Module):
         if mask.shape != eo.x_BTD.shape[:2]:
             raise ValueError(f"mask_BT {tuple(mask.shape)} does not match encoder positions "
                              f"{tuple(eo.x_BTD.shape[:2])}")
-        # Boolean indexing keeps the row-major order of mask_BT.nonzero() (reference §1.1 item 4).
+        # Boolean indexing keeps the row-major order of mask_BT.nonzero() (docs/data2vec.md §1.1 item 4).
         pred = self.head(eo.x_BTD[mask])
         return StudentOutput(
             pred_ND=pred,
@@ -114,7 +115,7 @@ class Data2Vec(nn.Module):
 
 
 def build_model(cfg: ModelConfig) -> Data2Vec:
-    """Build the student for ``cfg.modality`` (reference §3.1-3.4)."""
+    """Build the student for ``cfg.modality`` (docs/data2vec.md §3.1-§3.4)."""
     if cfg.dim % cfg.heads:
         raise ValueError(f"model.heads ({cfg.heads}) must divide model.dim ({cfg.dim})")
     head = RegressionHead(cfg.head, cfg.dim, cfg.layer_norm_eps)

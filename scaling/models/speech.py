@@ -1,8 +1,8 @@
 """data2vec v1 speech: wav2vec 2.0 conv feature encoder, projection, mask embedding, conv positional
 encoder (the frontend, shared with the teacher) and a post-LN transformer (the EMA-updated encoder).
-Reference §2.2 (v1 speech row), §3.2.
+docs/data2vec.md §2.2 (speech row), §3.2, §6.3.
 
-HF ``Data2VecAudioModel`` export and import (reference §6.1): the name map, the config fields and
+HF ``Data2VecAudioModel`` export and import (docs/data2vec.md §5.1): the name map, the config fields and
 what is refused live in ``scaling/hf/speech.py``; what equality holds is in docs/hf-transformers.md.
 """
 
@@ -22,7 +22,7 @@ from scaling.models.data2vec import EncoderOutput, FrontendOutput
 
 def conv_output_length(num_samples, conv_layers: Sequence[Sequence[int]]):
     """Frames produced by the conv feature encoder: ``floor((len - k) / s + 1)`` per layer
-    (reference §3.2). Accepts an int or an integer Tensor and returns the same type (clamped at 0)."""
+    (docs/data2vec.md §3.2). Accepts an int or an integer Tensor and returns the same type (clamped at 0)."""
     if isinstance(num_samples, Tensor):
         n = num_samples.long()
         for _, k, s in conv_layers:
@@ -37,7 +37,7 @@ def conv_output_length(num_samples, conv_layers: Sequence[Sequence[int]]):
 # ----------------------------------------------------------------------------- conv feature encoder
 class ConvLayer(nn.Module):
     """Conv1d (no bias) -> Dropout(0) -> fp32 LayerNorm over channels -> GELU
-    (``extractor_mode: layer_norm``, reference §3.2)."""
+    (``extractor_mode: layer_norm``, docs/data2vec.md §3.2)."""
 
     def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int, eps: float):
         super().__init__()
@@ -107,7 +107,7 @@ def pos_conv_kernel(width: int, depth: int) -> int:
 
 
 class PosConv(nn.Module):
-    """``conv_pos_depth`` stacked PosConvLayers with kernel max(3, width // depth) (reference §3.2).
+    """``conv_pos_depth`` stacked PosConvLayers with kernel max(3, width // depth) (docs/data2vec.md §3.2).
     Returns the conv output; the caller adds it to the input."""
 
     def __init__(self, dim: int, width: int, depth: int, groups: int, eps: float):
@@ -129,7 +129,7 @@ class PosConv(nn.Module):
 
 # ----------------------------------------------------------------------------- frontend
 class SpeechFrontend(nn.Module):
-    """Shared prefix (reference §2.2 v1 speech): CNN -> LN -> proj; the teacher's input is the
+    """Shared prefix (docs/data2vec.md §2.2 speech row): CNN -> LN -> proj; the teacher's input is the
     projected features cloned before dropout and masking, padded frames zeroed, plus pos conv."""
 
     def __init__(self, cfg: ModelConfig):
@@ -167,7 +167,7 @@ class SpeechFrontend(nn.Module):
             raise ValueError(f"speech mask_BT has shape {tuple(mask.shape)}, expected {(B, T)} "
                              f"(conv_output_length of {audio.shape[-1]} samples)")
 
-        with torch.no_grad():  # teacher input: unmasked features, student weights (reference §2.2)
+        with torch.no_grad():  # teacher input: unmasked features, student weights (docs/data2vec.md §2.2)
             teacher_x = self._add_pos(feats.detach(), padding_mask).detach()
 
         x = self.feature_dropout(feats)
@@ -184,7 +184,7 @@ class SpeechFrontend(nn.Module):
 
 # ----------------------------------------------------------------------------- encoder
 class SpeechEncoder(nn.Module):
-    """EMA-updated part (reference §2.2): LayerNorm -> dropout -> post-LN blocks, LayerDrop in
+    """EMA-updated part (docs/data2vec.md §2.2): LayerNorm -> dropout -> post-LN blocks, LayerDrop in
     training only. LayerDrop draws from the encoder's own ``random.Random`` (seeded by
     ``set_layerdrop_seed``) so that every rank skips the same blocks under FSDP/DDP."""
 

@@ -1,7 +1,7 @@
 """data2vec v1 text: RoBERTa-style embeddings (the frontend, shared with the teacher) and a post-LN
-transformer (the EMA-updated encoder). Reference §2.2 (v1 text row), §3.4, §7 item 6.
+transformer (the EMA-updated encoder). docs/data2vec.md §2.2 (text row), §3.4, §6.1.
 
-HF ``Data2VecTextModel`` export and import (reference §6.3): the name map, the config fields, the
+HF ``Data2VecTextModel`` export and import (docs/data2vec.md §5.3): the name map, the config fields, the
 token-type fold and what is refused live in ``scaling/hf/text.py``.
 """
 
@@ -19,7 +19,7 @@ from scaling.models.data2vec import EncoderOutput, FrontendOutput
 
 def make_positions(padding_mask_BT: Tensor, pad_id: int) -> Tensor:
     """fairseq ``make_positions``: real tokens get pad_id + 1, pad_id + 2, ... (counting only
-    non-pad tokens); pad tokens get pad_id (reference §3.4)."""
+    non-pad tokens); pad tokens get pad_id (docs/data2vec.md §3.4)."""
     real = (~padding_mask_BT).long()
     return torch.cumsum(real, dim=1) * real + pad_id
 
@@ -29,7 +29,7 @@ class TextFrontend(nn.Module):
 
     The teacher's input is the same embedding of the ORIGINAL ids (``tokens_BT``) with student
     weights, under no_grad and without dropout (the v1 teacher runs in eval mode). It must not be
-    the mostly-pad ``target_tokens`` of fairseq bug #4881 (reference §7 item 6)."""
+    the mostly-pad ``target_tokens`` of fairseq bug #4881 (docs/data2vec.md §6.1)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -77,7 +77,7 @@ class TextFrontend(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """EMA-updated part (reference §2.2 v1 text, ``ema_transformer_layers_only``): the post-LN
+    """EMA-updated part (docs/data2vec.md §2.2 text row, ``ema_transformer_layers_only``): the post-LN
     blocks only, with a key padding mask."""
 
     def __init__(self, cfg: ModelConfig):

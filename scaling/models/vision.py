@@ -1,8 +1,9 @@
-"""data2vec v1 vision: a BEiT pre-LN ViT ([DV] ``modeling_cyclical.py``, reference §3.3). Nothing is
-shared with the teacher (reference §2.2: the v1 vision teacher is an EMA of the whole model), so the
-frontend only passes the pixels through and the encoder holds everything.
+"""data2vec v1 vision: a BEiT pre-LN ViT (data2vec_vision ``beit/modeling_cyclical.py``,
+docs/data2vec.md §3.3). Nothing is shared with the teacher (docs/data2vec.md §2.2: the v1 vision
+teacher is an EMA of the whole model), so the frontend only passes the pixels through and the
+encoder holds everything.
 
-HF ``Data2VecVisionModel`` export and import (reference §6.2): the name map, the config fields and
+HF ``Data2VecVisionModel`` export and import (docs/data2vec.md §5.2): the name map, the config fields and
 what is refused live in ``scaling/hf/vision.py``. The relative position index is not a parameter
 or buffer (HF regenerates it too).
 """
@@ -23,7 +24,8 @@ from scaling.models.data2vec import EncoderOutput, FrontendOutput
 def relative_position_index(h: int, w: int) -> Tensor:
     """BEiT ``relative_position_index`` for an h x w patch grid plus CLS: LongTensor [N+1, N+1]
     with N = h*w. Patch pairs index ``(dh + h-1) * (2w-1) + (dw + w-1)``; the last three rows of the
-    table are CLS-to-token (row 0), token-to-CLS (column 0) and CLS-to-CLS ([0, 0]) (reference §3.3)."""
+    table are CLS-to-token (row 0), token-to-CLS (column 0) and CLS-to-CLS ([0, 0])
+    (docs/data2vec.md §3.3)."""
     coords = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")).flatten(1)  # [2, N]
     rel = coords[:, :, None] - coords[:, None, :]  # [2, N, N]
     idx = (rel[0] + h - 1) * (2 * w - 1) + (rel[1] + w - 1)
@@ -104,7 +106,7 @@ class VisionEncoder(nn.Module):
     mask_token replaces the masked patch embeddings when ``mask_BT`` is given (student only), CLS is
     prepended, no absolute positions, shared relative position bias, PreLNBlocks with layer scale and
     drop path rising linearly from 0 to ``model.vision.drop_path``. The CLS position is dropped from
-    ``x_BTD`` and from the taps, so positions align with ``mask_BT`` (reference §1.2, §3.3)."""
+    ``x_BTD`` and from the taps, so positions align with ``mask_BT`` (docs/data2vec.md §1.2, §3.3)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

@@ -1,0 +1,180 @@
+"""Model FLOPs of a data2vec step, counted from the model config and the batch, and MFU.
+
+Counted, per sequence of ``T`` real (non-padded) encoder positions, for ``L`` blocks of width
+``d`` with feed-forward width ``f`` (matmul FLOPs: a ``[m, k] @ [k, n]`` product is ``2 m k n``):
+
+    block forward = 8 T d^2        q, k, v and output projections (4 x 2 T d^2)
+                  + 4 T d f        the two feed-forward matmuls (2 x 2 T d f)
+                  + 4 T^2 d        attention scores q k^T (2 T^2 d) and scores x values (2 T^2 d)
+
+This is the per-token ``6N + attention`` rule of Narayanan et al. 2021 ("Efficient Large-Scale
+Language Model Training on GPU Clusters Using Megatron-LM", arXiv 2104.04473, section 5.1) and of
+the PaLM paper's appendix B (Chowdhery et al. 2022, arXiv 2204.02311) written per sequence: the
+forward is 2 FLOPs per weight per token plus the attention term, the backward twice the forward.
+Norms, activations, softmax, biases and the EMA update are not counted (MFU convention: they are a
+few percent of the matmuls). Padded positions are not counted either: MFU measures useful work, so
+a batch with more padding shows a lower MFU.
+
+The modality's frontend adds, per sequence: speech, each conv layer ``2 C_in k C_out L_out`` on
+the real samples, the feature projection ``2 T C d`` and each positional-conv layer
+``2 T' d (d / groups) k`` (``T'`` its output length before SamePad), once for the student's input
+and once for the teacher's; vision, the patch embedding ``2 N (C p^2) d`` (in the encoder, so the
+teacher runs it too) on ``T = N + 1`` positions (CLS); text, nothing (embedding lookups). The
+student's regression head runs on the ``M`` masked positions only: linear ``2 M d^2``, mlp
+``8 M d^2``, norm_linear ``2 M d^2``.
+
+One optimizer step is, summed over its micro-batches and ranks,
+
+    3 x student forward (forward + backward = 2 x forward)  +  teacher forward (no backward)
+
+where the student forward runs the encoder on the masked input (the same T positions) and the
+teacher forward is the EMA encoder on the unmasked input (plus speech's positional conv of it).
+The backward of the first conv layer and of the frontend are counted as 2x forward as well
+(they are a small share), so this slightly over-counts speech.
+
+MFU = step FLOPs / step wall time / (world size x peak FLOP/s of one device). ``PEAK_TFLOPS``
+holds the dense (no structured sparsity) peaks of NVIDIA's datasheets; :func:`peak_flops` returns
+None for devices not in it (CPU among them) and the trainer then logs no MFU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from scaling.config import ModelConfig
+
+__all__ = ["ForwardFlops", "forward_flops", "batch_counts", "peak_flops", "PEAK_TFLOPS"]
+
+
+def _conv_lengths(n: int, conv_layers) -> list[int]:
+    out = []
+    for _, k, s in conv_layers:
+        n = max((n - k) // s + 1, 0)
+        out.append(n)
+    return out
+
+
+def _encoder_flops(cfg: ModelConfig, T: int) -> float:
+    d, f = cfg.dim, cfg.ffn_dim
+    return float(cfg.depth) * (8.0 * T * d * d + 4.0 * T * d * f + 4.0 * T * T * d)
+
+
+def _head_flops(cfg: ModelConfig, masked: int) -> float:
+    d = cfg.dim
+    per_row = {"linear": 2.0 * d * d, "mlp": 8.0 * d * d, "norm_linear": 2.0 * d * d}[cfg.head]
+    return per_row * masked
+
+
+def _pos_conv_flops(cfg: ModelConfig, T: int) -> float:
+    from scaling.models.speech import pos_conv_kernel
+
+    sc, d = cfg.speech, cfg.dim
+    k = pos_conv_kernel(sc.conv_pos_width, sc.conv_pos_depth)
+    t_out = T + 2 * (k // 2) - k + 1  # Conv1d with padding k // 2, before SamePad trims an even kernel's extra frame
+    return float(sc.conv_pos_depth) * 2.0 * t_out * d * (d // sc.conv_pos_groups) * k
+
+
+@dataclass
+class ForwardFlops:
+    """Forward matmul FLOPs of one micro-batch, split by what runs backward."""
+
+    student: float  # frontend (student's input) + student encoder + head: runs backward too
+    teacher_input: float  # speech: the positional conv of the teacher's input (no backward); else 0
+    teacher: float  # the EMA teacher's encoder (forward only)
+
+    @property
+    def step(self) -> float:
+        """What the micro-batch costs in a training step: backward = 2 x the student's forward."""
+        return 3.0 * self.student + self.teacher_input + self.teacher
+
+
+def forward_flops(cfg: ModelConfig, lengths: list[int], num_masked: int,
+                  audio_lengths: list[int] | None = None) -> ForwardFlops:
+    """FLOPs of a micro-batch of sequences with ``lengths`` real encoder positions each (vision:
+    patches, without CLS) and ``num_masked`` masked positions; speech also needs each row's real
+    ``audio_lengths`` (samples)."""
+    student = teacher_input = teacher = 0.0
+    if cfg.modality == "speech":
+        assert audio_lengths is not None and len(audio_lengths) == len(lengths), "speech needs the audio lengths"
+        layers = cfg.speech.conv_layers
+        for n_samples, T in zip(audio_lengths, lengths):
+            c_in = 1
+            for (c_out, k, _), l_out in zip(layers, _conv_lengths(n_samples, layers)):
+                student += 2.0 * c_in * k * c_out * l_out
+                c_in = c_out
+            student += 2.0 * T * c_in * cfg.dim + _pos_conv_flops(cfg, T) + _encoder_flops(cfg, T)
+            teacher_input += _pos_conv_flops(cfg, T)
+            teacher += _encoder_flops(cfg, T)
+    elif cfg.modality == "vision":
+        vc = cfg.vision
+        patch = 2.0 * vc.channels * vc.patch_size ** 2 * cfg.dim
+        for N in lengths:
+            per_image = patch * N + _encoder_flops(cfg, N + 1)
+            student += per_image
+            teacher += per_image
+    else:
+        for T in lengths:
+            student += _encoder_flops(cfg, T)
+            teacher += _encoder_flops(cfg, T)
+    student += _head_flops(cfg, num_masked)
+    return ForwardFlops(student, teacher_input, teacher)
+
+
+def batch_counts(cfg: ModelConfig, batch: dict[str, torch.Tensor]) -> tuple[int, int, float]:
+    """(rows, real encoder positions, step FLOPs) of one collated micro-batch (CPU tensors, before
+    the model: no device sync). Positions are speech frames of the real audio, vision patches and
+    CLS, text non-pad tokens."""
+    mask = batch["mask_BT"]
+    rows = int(mask.shape[0])
+    num_masked = int(mask.sum())
+    audio_lengths = None
+    if cfg.modality == "speech":
+        from scaling.models.speech import conv_output_length
+
+        pad = batch.get("audio_padding_BT")
+        n = batch["audio_BT"].shape[-1]
+        audio_lengths = [n] * rows if pad is None else (~pad).sum(-1).tolist()
+        lengths = [conv_output_length(a, cfg.speech.conv_layers) for a in audio_lengths]
+    elif cfg.modality == "vision":
+        lengths = [int(mask.shape[1])] * rows
+    else:
+        pad = batch.get("padding_mask_BT")
+        lengths = [int(mask.shape[1])] * rows if pad is None else (~pad).sum(-1).tolist()
+    flops = forward_flops(cfg, lengths, num_masked, audio_lengths).step
+    tokens = sum(lengths) + (rows if cfg.modality == "vision" else 0)  # vision: CLS is an encoder position too
+    return rows, int(tokens), flops
+
+
+# Dense peak TFLOP/s per GPU by datasheet (the sparsity figures halved). First match of the
+# device name wins, so the more specific names come first. fp32 is plain IEEE fp32 matmul (what
+# PyTorch runs unless TF32 is allowed); tf32 applies when torch allows TF32 matmuls.
+# A100: NVIDIA A100 Tensor Core GPU datasheet (SXM and PCIe alike): BF16/FP16 312, TF32 156, FP32 19.5.
+# H100: NVIDIA H100 Tensor Core GPU datasheet: SXM BF16/FP16 989.4, TF32 494.7, FP32 66.9;
+#       PCIe 756, 378, 51; NVL 835.5, 417.5, 60.
+# H200: NVIDIA H200 Tensor Core GPU datasheet: SXM BF16/FP16 989.4, TF32 494.7, FP32 66.9 (the H100
+#       SXM compute with more memory); NVL 835.5, 417.5, 60.
+PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
+    ("H200 NVL", {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0}),
+    ("H200", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),
+    ("H100 NVL", {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0}),
+    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.0}),
+    ("H100", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),
+    ("A100", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),
+]
+
+
+def peak_flops(device: torch.device, precision: str) -> tuple[float, str] | None:
+    """(peak FLOP/s of one device at the run's matmul precision, the device name), or None when
+    the device has no entry in :data:`PEAK_TFLOPS` (CPU, other GPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    kind = precision
+    if precision == "fp32":
+        kind = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
+    for key, peaks in PEAK_TFLOPS:
+        if key in name:
+            return (peaks[kind] * 1e12, name) if kind in peaks else None
+    return None
