@@ -177,10 +177,16 @@ class Plan:
         if rescale:
             steps += f" (x{self.reference_batch / b.global_batch:.4g} of the recipe's, same samples)"
         epochs = self.epochs
+        if epochs is None:
+            epochs_line = "epochs: unknown (no sample count for this data)"
+        elif self.recipe.model.modality == "text":  # a document is cut into one or more blocks
+            epochs_line = (f"epochs: at most {epochs:.2f} ({self.samples_per_epoch:,} documents, each one or more "
+                           f"blocks of {self.recipe.data.text.block_size} tokens)")
+        else:
+            epochs_line = f"epochs: {epochs:.2f} of {self.samples_per_epoch:,} samples"
         out = [f"batch: {b}", micro, f"accumulation: {b.accumulation}", per_step, lr, steps,
                f"precision: {self.precision}" + (" (auto)" if self.recipe.train.precision == "auto" else ""),
-               f"epochs: {epochs:.2f} of {self.samples_per_epoch:,} samples" if epochs is not None
-               else "epochs: unknown (no sample count for this data)", f"data: {self.data}"]
+               epochs_line, f"data: {self.data}"]
         return out + [f"note: {n}" for n in self.notes]
 
     def __str__(self) -> str:
@@ -214,19 +220,16 @@ def _scale_steps(steps: int, factor: float) -> int:
     return steps if factor == 1 else max(1 if steps else 0, round(steps * factor))
 
 
-def _shard_set_size(spec: str) -> tuple[int, Optional[int]]:
-    """Shard count, and the sample count the shard sets' indexes give (None if a shard has no index)."""
-    from scaling.data.shards import expand_shards, index_path_of_shard, read_index, shard_name
+def _shard_set_size(recipe: Recipe) -> tuple[int, Optional[int]]:
+    """Shard count, and the samples their indexes give (None when a shard has none); the shards are
+    checked against their indexes as the loader checks them (ValueError naming the file)."""
+    from scaling.data.shards import check_shard_set, expand_shards
 
-    paths = expand_shards(spec)
-    counts: dict[str, int] = {}
-    for index_file in sorted({index_path_of_shard(p) for p in paths if index_path_of_shard(p)}):
-        index = read_index(index_file)
-        counts.update({s["name"]: int(s["num_samples"]) for s in index["shards"]})
-    names = [shard_name(p) for p in paths]
-    if not all(n in counts for n in names):
-        return len(paths), None
-    return len(paths), sum(counts[n] for n in names)
+    paths = expand_shards(recipe.data.train_shards)
+    t = recipe.model.text
+    counts = check_shard_set(paths, modality=recipe.model.modality, tokenizer=recipe.data.text.tokenizer or None,
+                             vocab_size=t.vocab_size, pad_id=t.pad_id, mask_id=t.mask_id)
+    return len(paths), None if any(n is None for n in counts) else sum(counts)
 
 
 def describe_data(recipe: Recipe) -> tuple[str, Optional[int]]:
@@ -237,7 +240,7 @@ def describe_data(recipe: Recipe) -> tuple[str, Optional[int]]:
     if spec == "synthetic":
         return "SYNTHETIC random samples (data.train_shards=synthetic): nothing real is learnt", None
     try:
-        num_shards, num_samples = _shard_set_size(spec)
+        num_shards, num_samples = _shard_set_size(recipe)
     except ValueError as exn:
         return f"{spec} (not readable from here: {exn})", None
     if num_samples is None:

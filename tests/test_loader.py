@@ -145,6 +145,16 @@ def test_next_8_batches_after_resume_equal_uninterrupted(tmp_path, workers):
     assert crossed, "some of the checked windows should cross an epoch boundary"
 
 
+def load_job_states(loaders, states) -> None:
+    """Every new rank resumes from the old job's states; rank 0 says what the catch-up does."""
+    for L in loaders:
+        if L.rank == 0:
+            with pytest.warns(UserWarning, match="resuming the data stream on .* Nothing is skipped or read twice"):
+                L.load_job_state(states)
+        else:
+            L.load_job_state(states)
+
+
 @pytest.mark.parametrize("handed_out", [11, 13, 16])
 def test_resume_on_another_layout_skips_nothing(tmp_path, handed_out):
     spec, keys = uneven_vision_shards(tmp_path)
@@ -159,12 +169,7 @@ def test_resume_on_another_layout_skips_nothing(tmp_path, handed_out):
     for new_world in (1, 3):
         d.num_workers = 1 if new_world == 1 else 0
         new = [loader((d, m, k), mb=1, rank=r, world_size=new_world) for r in range(new_world)]
-        for L in new:
-            if L.rank == 0:
-                with pytest.warns(UserWarning, match="resuming the data stream on .* Nothing is skipped or read twice"):
-                    L.load_job_state(states)
-            else:
-                L.load_job_state(states)
+        load_job_states(new, states)
         after = new[0].source.after_catchup
         got = Counter()
         for L in new:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from test_data import assert_batches_equal, loader, make_cfgs, speech_set, take, write_set
-from test_loader import SPEECH_DATA, corrupted_speech_shards
+from test_loader import SPEECH_DATA, corrupted_speech_shards, load_job_states
 from scaling.data.bucketing import batch_order, padded_size, plan_window
 from scaling.data.partition import total
 
@@ -163,12 +163,7 @@ def test_resume_on_another_layout_reads_every_sample_once(tmp_path, handed_out):
         new = [loader((d, m, k), mb=0 if budget else 1, max_batch_audio_samples=budget, rank=r, world_size=new_world)
                for r in range(new_world)]
         assert not new[0].same_layout(states[0])
-        for L in new:
-            if L.rank == 0:
-                with pytest.warns(UserWarning, match="Nothing is skipped or read twice"):
-                    L.load_job_state(states)
-            else:
-                L.load_job_state(states)
+        load_job_states(new, states)
         after = new[0].source.after_catchup
         got = Counter()
         for L in new:
