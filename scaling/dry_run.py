@@ -116,12 +116,11 @@ def _plan(recipe: Recipe, world_size: int):
     from scaling.plan import BatchPlan
 
     try:
-        return BatchPlan.from_config(recipe.train, world_size)
+        return BatchPlan.from_config(recipe.train, world_size, recipe.data.speech.sample_rate)
     except ValueError:  # the bytes measured here do not depend on the split
-        train = dataclasses.replace(recipe.train, global_batch_size=world_size * recipe.train.micro_batch_size,
-                                    global_batch_seconds=0.0, micro_batch_seconds=0.0) \
-            if hasattr(recipe.train, "global_batch_seconds") else \
-            dataclasses.replace(recipe.train, global_batch_size=world_size * recipe.train.micro_batch_size)
+        micro = max(1, recipe.train.micro_batch_size)  # 0 (no bound) only with audio batches
+        train = dataclasses.replace(recipe.train, global_batch_size=world_size * micro, global_batch_seconds=0.0,
+                                    micro_batch_seconds=0.0)
         return BatchPlan.from_config(train, world_size)
 
 

@@ -143,6 +143,16 @@ class Plan:
             return None
         return self.max_steps * self.batch.global_batch / self.samples_per_epoch
 
+    def with_loader(self, loader) -> "Plan":
+        """This plan with what the training loader reads: it has checked and counted the shards
+        already (also those without an index), so start-up reads the indexes once."""
+        source = loader.source
+        if not hasattr(source, "paths"):  # the synthetic source
+            return self
+        spec = self.recipe.data.train_shards.strip()
+        return dataclasses.replace(self, data=_shard_words(spec, len(source.paths), source.num_samples),
+                                   samples_per_epoch=source.num_samples)
+
     def resolved(self) -> Recipe:
         """The recipe this plan trains: scaled step counts and LR, reference batch = the global batch."""
         r = self.recipe
@@ -243,9 +253,13 @@ def describe_data(recipe: Recipe) -> tuple[str, Optional[int]]:
         num_shards, num_samples = _shard_set_size(recipe)
     except ValueError as exn:
         return f"{spec} (not readable from here: {exn})", None
+    return _shard_words(spec, num_shards, num_samples), num_samples
+
+
+def _shard_words(spec: str, num_shards: int, num_samples: Optional[int]) -> str:
     if num_samples is None:
-        return f"{num_shards} shards from {spec} (no index: sample count unknown)", None
-    return f"{num_shards} shards, {num_samples:,} samples from {spec}", num_samples
+        return f"{num_shards} shards from {spec} (no index: sample count unknown)"
+    return f"{num_shards} shards, {num_samples:,} samples from {spec}"
 
 
 def resolve(recipe: Recipe, world_size: int, *, read_data: bool = True) -> Plan:

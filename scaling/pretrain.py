@@ -72,7 +72,7 @@ def run(recipe: Recipe, *, stop_at_step: int | None = None, gather_state: bool =
     # the engine against the launcher's world size, the batch plan, whether the checkpoint resumes.
     dist_env = env_info()
     engine_class(recipe.engine.name).check_world_size(dist_env.world_size)
-    planned = resolve(recipe, dist_env.world_size)
+    planned = resolve(recipe, dist_env.world_size, read_data=False)  # the loader reads the shard indexes
     recipe = planned.resolved()  # step counts, LR and precision as this run trains them
     resume_from = resume_path(recipe.checkpoint)
     resume_warnings = []
@@ -112,6 +112,7 @@ def run(recipe: Recipe, *, stop_at_step: int | None = None, gather_state: bool =
                               world_size=engine.world_size, micro_batch_size=plan.micro_batch_size,
                               max_batch_audio_samples=plan.micro_batch_audio_samples)
         cleanup.callback(loader.close)  # DataLoader workers stop here, before the engine's process group
+        planned = planned.with_loader(loader)
         checkpointer = Checkpointer(recipe.checkpoint, engine, recipe)
 
         start_step, run_id = 0, None
