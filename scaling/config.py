@@ -266,6 +266,11 @@ class EngineConfig:
     # fsdp: >1 gives hybrid sharding: `replicas` groups, each sharding over world_size / replicas ranks.
     replicas: int = 1
     zero_stage: int = 3  # deepspeed: 1, 2 or 3
+    # torch.compile every encoder block of student and teacher (after activation checkpointing, before
+    # sharding; scaling.engines.base.prepare_blocks). The first steps pay the compile time.
+    compile: bool = False
+    # One graph per block (an error at a graph break) rather than a silent fallback to eager pieces.
+    compile_fullgraph: bool = True
 
 
 @dataclass

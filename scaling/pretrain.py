@@ -137,7 +137,7 @@ def run(recipe: Recipe, *, stop_at_step: int | None = None, gather_state: bool =
         if resume_warnings:
             tracker.set_tags({f"warning.resume_step_{start_step}": " / ".join(resume_warnings)})
         trainer = Trainer(train_cfg=recipe.train, objective_cfg=recipe.objective, ema_cfg=recipe.ema,
-                          monitor_cfg=recipe.monitor, grad_clip=recipe.optim.grad_clip, plan=plan, engine=engine,
+                          monitor_cfg=recipe.monitor, plan=plan, engine=engine,
                           loader=loader, tracker=tracker, checkpointer=checkpointer, model_cfg=recipe.model)
         if engine.rank == 0:
             print(f"[scaling] {recipe.model.modality}: {plan}; engine {recipe.engine.name}; "

@@ -7,12 +7,18 @@ line to the ``scaling.trainer`` logger (step, loss, LR, grad norm, samples/s and
 wait, peak memory, ETA), and the same step's metrics go to MLflow. The tqdm bar is drawn only when
 stderr is a terminal, so a batch job's log holds those lines and no bar fragments.
 
+No host sync in a step: the masked count, the loss, the grad norm and every logged statistic stay
+on the device (:class:`StepRecord`); on log steps :meth:`Trainer.read` reads the window of steps
+since the last one with one float64 all-reduce and one copy to the host, so a GPU is never made to
+drain its queue in between. The collapse guard and the bad-data stop act on log steps, from values
+that every rank reads alike, so every rank stops at the same step. ``train.log_every`` is therefore
+also how often the host waits for the device.
+
 Throughput is counted, not planned: each micro-batch contributes its rows, its real (non-padded)
-encoder positions and its model FLOPs (:mod:`scaling.flops`), summed over ranks in the step's one
-float64 all-reduce, so batches of varying size (length-bucketed speech) are counted as they are.
-On log steps the same collective also carries each rank's peak memory and rank 0's RankMe
-effective rank (:mod:`scaling.rankme`) of the teacher targets and of the student's predictions,
-so every rank's collapse guard sees the same values and stops at the same step.
+encoder positions and its model FLOPs (:mod:`scaling.flops`), counted from the CPU batch and summed
+over ranks in the log step's all-reduce, so batches of varying size (length-bucketed speech) are
+counted as they are. The same collective carries each rank's peak memory and rank 0's RankMe
+effective rank (:mod:`scaling.rankme`) of the teacher targets and of the student's predictions.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import math
 import resource
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
@@ -48,25 +54,50 @@ class CollapseError(RuntimeError):
 
 @dataclass
 class StepStats:
+    """One optimizer step as read on the host. Every step has loss, masked count, grad norm and the
+    throughput counts; the rest is measured on log steps only (NaN / empty elsewhere)."""
     loss: float
     num_masked: int
-    target_var: float
-    pred_var: float
-    local_var: float
     grad_norm: float
-    data: dict[str, float]  # job-wide data counters (scaling.data.quality.STAT_NAMES), cumulative
     # Counted over the global batch: rows, real (non-padded) encoder positions, model FLOPs (scaling.flops).
     samples: int = 0
     tokens: int = 0
     flops: float = 0.0
-    # Log steps only (NaN otherwise): RankMe of rank 0's last micro-batch, largest peak memory of any rank.
+    target_var: float = float("nan")
+    pred_var: float = float("nan")
+    local_var: float = float("nan")
+    data: dict[str, float] = field(default_factory=dict)  # job-wide data counters (STAT_NAMES), cumulative
+    # RankMe of rank 0's last micro-batch, largest peak memory of any rank.
     target_rank: float = float("nan")
     student_rank: float = float("nan")
     peak_memory_bytes: float = float("nan")
 
 
+@dataclass
+class StepRecord:
+    """One optimizer step's values as :meth:`Trainer.train_step` leaves them: on the device, unread.
+
+    Reading a device value is a host sync (the CPU waits for the GPU's queue to drain), so the step
+    reads nothing; :meth:`Trainer.read` reads a window of records with one collective and one copy."""
+    scalars: torch.Tensor  # float64 [3]: this rank's loss sum, the global masked count, the global grad norm
+    counts: tuple[float, float, float]  # this rank's rows, real positions, FLOPs (from the CPU batches)
+    # Log steps: [target | pred | local-encoder variance stats | RankMe (2) | peak memory per rank], to be summed.
+    measured: torch.Tensor | None = None
+
+
+def host_stage(batch: dict) -> dict:
+    """What the step needs from a CPU batch, computed on the host before it moves: the flat indices of
+    the masked positions (row-major, the order of boolean indexing). Gathering rows by these indices
+    has a shape known in advance; boolean indexing on the device would make the host wait for a count."""
+    return {**batch, "mask_index_N": batch["mask_BT"].reshape(-1).nonzero().squeeze(1)}
+
+
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _masked_rows(x_BTD: torch.Tensor, mask_index_N: torch.Tensor) -> torch.Tensor:
+    return x_BTD.flatten(0, 1).index_select(0, mask_index_N)
 
 
 def _valid_rows(x_BTD: torch.Tensor | None, padding_mask_BT: torch.Tensor | None, like_ND: torch.Tensor):
@@ -102,14 +133,13 @@ def _gib(n: float) -> str:
 
 class Trainer:
     def __init__(self, *, train_cfg: TrainConfig, objective_cfg: ObjectiveConfig, ema_cfg: EMAConfig,
-                 monitor_cfg: MonitorConfig, grad_clip: float, plan: BatchPlan, engine: Engine, loader,
-                 tracker: Tracker, checkpointer: Checkpointer, model_cfg: ModelConfig):
+                 monitor_cfg: MonitorConfig, plan: BatchPlan, engine: Engine, loader, tracker: Tracker,
+                 checkpointer: Checkpointer, model_cfg: ModelConfig):
         self.train_cfg = train_cfg
         self.model_cfg = model_cfg  # FLOPs and positions per micro-batch (scaling.flops)
         self.objective_cfg = objective_cfg
         self.ema_cfg = ema_cfg
         self.monitor_cfg = monitor_cfg
-        self.grad_clip = grad_clip
         self.plan = plan
         self.engine = engine
         self.loader = loader
@@ -124,74 +154,96 @@ class Trainer:
         self._wall = 0.0  # seconds of this run's loop so far
 
     # ------------------------------------------------------------------ one optimizer step
-    def train_step(self, micro_batches: list[dict], data_stats: torch.Tensor, *, measure: bool = False) -> StepStats:
-        """``data_stats``: this rank's data counters (float64), summed over ranks in the step's stats all-reduce.
-        ``measure`` (log steps, the same on every rank): also RankMe and peak memory."""
+    def train_step(self, micro_batches: list[dict], *, measure: bool = False) -> StepRecord:
+        """One optimizer step over this rank's CPU ``micro_batches``, with no host sync: what it returns
+        stays on the device until :meth:`read`. ``measure`` (log steps, the same on every rank): also the
+        variance statistics, RankMe and peak memory."""
         engine, obj = self.engine, self.objective_cfg
         engine.model.train()
-        # Rows, real positions and FLOPs from the CPU batches: no device sync.
+        # Host side (CPU batches, before they move): rows, real positions, FLOPs; masked-row indices.
         counts = [batch_counts(self.model_cfg, b) for b in micro_batches]
-        local_counts = torch.tensor([float(sum(c[i] for c in counts)) for i in range(3)], dtype=torch.float64)
+        batches = [_to_device(host_stage(b), engine.device) for b in micro_batches]
         # The loss is normalised by the masked positions of the whole global batch: every micro-batch
         # and every rank (docs/data2vec.md §1.1 item 5), so results do not depend on how the batch is split.
-        local_masked = sum(int(b["mask_BT"].sum()) for b in micro_batches)
-        num_masked = int(engine.all_reduce_sum(torch.tensor([float(local_masked)], device=engine.device)).item())
-        if num_masked == 0:
-            raise RuntimeError(f"step {self.step}: no masked position in the global batch; check the masking section")
+        # The count stays on the device; a step without any masked position is reported by read().
+        local_masked = sum(b["mask_index_N"].numel() for b in batches)
+        # torch.full is a kernel with the value as its argument: no host-to-device copy to wait for.
+        num_masked = engine.all_reduce_sum(torch.full((1,), float(local_masked), dtype=torch.float64,
+                                                      device=engine.device))[0]
         # Engines average gradients over ranks; multiply back so the gradient is d(sum loss)/num_masked.
-        loss_weight = engine.world_size / num_masked
+        loss_weight = (engine.world_size / num_masked.clamp_min(1.0)).float()
 
-        sums = None  # [loss_sum | target stats | pred stats | local-encoder stats], summed over micro-batches
-        for i, batch in enumerate(micro_batches):
-            batch = _to_device(batch, engine.device)
-            with engine.autocast():
-                out = engine.model(batch)
-                taps = engine.teacher(out.teacher_x, padding_mask_BT=out.padding_mask_BT,
-                                      num_taps=obj.top_k, tap=obj.tap).taps
-            target_ND = make_targets(taps, obj, out.padding_mask_BT)[out.mask_BT]
-            loss_sum = regression_loss(out.pred_ND, target_ND, obj)
-            engine.backward(loss_sum * loss_weight, is_last_micro_batch=i == len(micro_batches) - 1)
-            with torch.no_grad():
-                parts = [loss_sum.detach().float().view(1), variance_stats(target_ND),
-                         variance_stats(out.pred_ND.detach().float()),
-                         variance_stats(_valid_rows(out.local_features_BTD, out.padding_mask_BT, target_ND))]
-                sizes = [p.numel() for p in parts]
-                sums = torch.cat(parts) if sums is None else sums + torch.cat(parts)
+        loss_total = torch.zeros((), dtype=torch.float64, device=engine.device)
+        stats = None  # measure: [target | pred | local-encoder] variance stats, summed over micro-batches
+        for i, batch in enumerate(batches):
+            with engine.micro_batch(last=i == len(batches) - 1):
+                with engine.autocast():
+                    out = engine.model(batch)
+                    taps = engine.teacher(out.teacher_x, padding_mask_BT=out.padding_mask_BT,
+                                          num_taps=obj.top_k, tap=obj.tap).taps
+                target_ND = _masked_rows(make_targets(taps, obj, out.padding_mask_BT), batch["mask_index_N"])
+                loss_sum = regression_loss(out.pred_ND, target_ND, obj)
+                engine.backward(loss_sum * loss_weight)
+            loss_total += loss_sum.detach()
+            if measure:
+                with torch.no_grad():
+                    part = torch.cat([variance_stats(target_ND), variance_stats(out.pred_ND.detach().float()),
+                                      variance_stats(_valid_rows(out.local_features_BTD, out.padding_mask_BT,
+                                                                 target_ND))])
+                stats = part if stats is None else stats + part
                 last_rows = (target_ND.detach(), out.pred_ND.detach())
 
-        grad_norm = engine.step(self.grad_clip)
+        grad_norm = engine.step()
         teacher_tensors, student_tensors = engine.ema_tensors()
         EMATeacher.update(teacher_tensors, student_tensors, ema_decay(self.ema_cfg, self.step))
 
-        # RankMe costs an SVD: log steps only, on rank 0's rows of the last micro-batch. The other ranks
-        # add zeros, so the sum hands rank 0's values to everyone (NaN on other steps).
-        ranks = torch.zeros(2, dtype=torch.float64)
-        if engine.rank == 0:
-            ranks[:] = torch.tensor([effective_rank(r) for r in last_rows]) if measure else float("nan")
-        peaks = torch.zeros(engine.world_size if measure else 0, dtype=torch.float64)
+        measured = None
         if measure:
+            # RankMe costs an SVD: log steps only, on rank 0's rows of the last micro-batch. The other ranks
+            # add zeros, so the sum hands rank 0's values to everyone.
+            ranks = torch.zeros(2, dtype=torch.float64)
+            if engine.rank == 0:
+                ranks[:] = torch.tensor([effective_rank(r) for r in last_rows])
+            peaks = torch.zeros(engine.world_size, dtype=torch.float64)
             peaks[engine.rank] = peak_memory_bytes(engine.device)
-        extra = [data_stats, local_counts, ranks, peaks]
-        # One collective for every logged statistic; float64 keeps sample counts exact past 2**24.
-        sums = engine.all_reduce_sum(torch.cat([sums.double()] + [t.to(engine.device) for t in extra]))
-        loss_sum, target_stats, pred_stats, local_stats, data, totals, ranks, peaks = \
-            sums.split(sizes + [t.numel() for t in extra])
-        samples, tokens, flops = totals.tolist()
-        return StepStats(
-            loss=float(loss_sum) / num_masked,
-            num_masked=num_masked,
-            target_var=std_from_stats(target_stats),
-            pred_var=std_from_stats(pred_stats),
-            local_var=std_from_stats(local_stats),  # NaN where the modality has no local encoder
-            grad_norm=grad_norm,
-            data=dict(zip(STAT_NAMES, data.tolist())),
-            samples=int(samples),
-            tokens=int(tokens),
-            flops=flops,
-            target_rank=float(ranks[0]),
-            student_rank=float(ranks[1]),
-            peak_memory_bytes=float(peaks.max()) if measure else float("nan"),
-        )
+            measured = torch.cat([stats.double(), ranks.to(engine.device), peaks.to(engine.device)])
+        scalars = torch.stack([loss_total, num_masked, grad_norm.to(engine.device, torch.float64).reshape(())])
+        total = tuple(float(sum(c[i] for c in counts)) for i in range(3))
+        return StepRecord(scalars, total, measured)
+
+    def read(self, records: list[StepRecord], data_stats: torch.Tensor) -> list[StepStats]:
+        """The host's view of a window of steps (the last one measured): one all-reduce of everything that
+        sums over ranks, one copy to the host. Every rank gets the same values, so every rank's collapse
+        guard and bad-data stop act on the same step. ``data_stats``: this rank's data counters (float64).
+        Every rank calls."""
+        engine = self.engine
+        S = len(records)
+        measured = records[-1].measured
+        assert measured is not None, "the last step of a window is a measured (log) step"
+        scalars = torch.stack([r.scalars for r in records])  # [S, 3]
+        counts = torch.tensor([r.counts for r in records], dtype=torch.float64)  # [S, 3]
+        summed = [scalars[:, 0], counts.flatten().to(engine.device), data_stats.to(engine.device), measured]
+        # float64 keeps sample counts exact past 2**24.
+        host = torch.cat([engine.all_reduce_sum(torch.cat(summed)), scalars[:, 1:].flatten()]).cpu()
+        losses, counts, data, measured, rest = host.split([S, 3 * S, data_stats.numel(), measured.numel(), 2 * S])
+        counts, rest = counts.view(S, 3).tolist(), rest.view(S, 2).tolist()
+        D = (measured.numel() - 2 - engine.world_size) // 3
+        target_stats, pred_stats, local_stats, ranks, peaks = measured.split([D, D, D, 2, engine.world_size])
+        out = []
+        for i, (loss_sum, (samples, tokens, flops), (num_masked, grad_norm)) in enumerate(zip(losses.tolist(), counts, rest)):
+            if num_masked == 0:
+                raise RuntimeError(f"step {self.step - S + i + 1}: no masked position in the global batch; "
+                                   "check the masking section")
+            out.append(StepStats(loss=loss_sum / num_masked, num_masked=int(num_masked), grad_norm=grad_norm,
+                                 samples=int(samples), tokens=int(tokens), flops=flops))
+        last = out[-1]
+        last.target_var = std_from_stats(target_stats)
+        last.pred_var = std_from_stats(pred_stats)
+        last.local_var = std_from_stats(local_stats)  # NaN where the modality has no local encoder
+        last.data = dict(zip(STAT_NAMES, data.tolist()))
+        last.target_rank, last.student_rank = ranks.tolist()
+        last.peak_memory_bytes = float(peaks.max())
+        return out
 
     # ------------------------------------------------------------------ the loop
     def run(self, *, start_step: int = 0, stop_at_step: int | None = None) -> list[StepStats]:
@@ -208,28 +260,33 @@ class Trainer:
                          self.engine.device)
             self.tracker.set_tags({"device": self._peak[1] if self._peak else str(self.engine.device)})
         t_start = time.perf_counter()
-        window = [0.0] * 6  # samples, tokens, FLOPs, seconds, data-wait seconds, steps since the last log
+        window = [0.0, 0.0]  # seconds and data-wait seconds since the last log step
+        pending: list[StepRecord] = []  # steps since the last log step, unread
         while self.step < last:
             t0 = time.perf_counter()
             micro_batches = [next(self.loader) for _ in range(self.plan.accumulation)]
             t_data = time.perf_counter() - t0
             log_step = (self.step + 1) % self.train_cfg.log_every == 0 or self.step + 1 == last
-            stats = self.train_step(micro_batches, self.loader.stats(), measure=log_step)
-            # Every rank sees the same job-wide counts, so all stop at the same step (no hung collective).
-            self.loader.check_bad_fraction(stats.data)
+            pending.append(self.train_step(micro_batches, measure=log_step))
             self.step += 1
             if self.step == start_step + 1:  # optimizer state exists from the first step on
                 self._log_memory()
-            self.history.append(stats)
-            dt = time.perf_counter() - t0
+            if log_step:  # the only host reads of the loop: one per log step
+                steps = self.read(pending, self.loader.stats())
+                pending = []
+                self.history.extend(steps)
+            window = [window[0] + time.perf_counter() - t0, window[1] + t_data]
             self._wall = time.perf_counter() - t_start
-            window = [w + x for w, x in zip(window, (stats.samples, stats.tokens, stats.flops, dt, t_data, 1))]
             bar.update(1)
-            bar.set_postfix(loss=f"{stats.loss:.4f}", tvar=f"{stats.target_var:.3f}")
-            if log_step:  # throughput and data wait are means over the steps since the last log step
-                self._log_step(stats, *window, last)
-                window = [0.0] * 6
-            self._check_collapse(stats)
+            if log_step:
+                stats = steps[-1]
+                bar.set_postfix(loss=f"{stats.loss:.4f}", tvar=f"{stats.target_var:.3f}")
+                # Every rank sees the same job-wide counts, so all stop at the same step (no hung collective).
+                self.loader.check_bad_fraction(stats.data)
+                # Throughput and data wait are means over the steps since the last log step.
+                self._log_step(stats, steps, *window, last)
+                window = [0.0, 0.0]
+                self._check_collapse(stats)
             if self.step % self.checkpointer.cfg.every_steps == 0 or self.step == last:
                 self.save()
             self._wall = time.perf_counter() - t_start
@@ -241,10 +298,10 @@ class Trainer:
             return None
         return flops / seconds / (self._peak[0] * self.engine.world_size)
 
-    def _log_step(self, stats: StepStats, samples: float, tokens: float, flops: float, dt: float, t_data: float,
-                  steps: float, last: int) -> None:
-        """One log step: the MLflow metrics and, on rank 0, one plain text line. ``samples`` .. ``t_data``:
-        sums over the steps since the previous log step."""
+    def _log_step(self, stats: StepStats, steps: list[StepStats], dt: float, t_data: float, last: int) -> None:
+        """One log step: the MLflow metrics and, on rank 0, one plain text line. ``steps``: every step since
+        the previous log step (``stats`` is the last); ``dt`` and ``t_data``: their seconds and data wait."""
+        samples, tokens, flops = (sum(getattr(s, k) for s in steps) for k in ("samples", "tokens", "flops"))
         lr = self.engine.lr
         samples_per_s, tokens_per_s = samples / dt, tokens / dt
         mfu = self._mfu(flops, dt)
@@ -256,7 +313,7 @@ class Trainer:
             "train/grad_norm": stats.grad_norm, "train/ema_decay": ema_decay(self.ema_cfg, self.step - 1),
             "train/local_var": stats.local_var, "train/num_masked": stats.num_masked,
             "rank/target": stats.target_rank, "rank/student": stats.student_rank,
-            "data/epoch": self.loader.epoch, "data/wait_s": t_data / steps, "data/wait_share": t_data / dt,
+            "data/epoch": self.loader.epoch, "data/wait_s": t_data / len(steps), "data/wait_share": t_data / dt,
             "memory/peak_bytes": stats.peak_memory_bytes,
             **data_metrics(stats.data, self._seen_bad),
         }

@@ -92,11 +92,14 @@ def test_bad_recipe_fails_before_training(tmp_path, recipe_path):
 
 
 def test_collapse_guard_stops_with_checkpoint_and_names_the_value(tmp_path, recipe_path):
-    recipe = load_recipe(recipe_path("vision"), _small(tmp_path, "train.max_steps=5", "monitor.after_steps=2",
-                                                        "monitor.min_target_var=1000", "tracking.enabled=false"))
-    with pytest.raises(CollapseError, match=r"step 3: .*target_var [0-9.]+ < monitor.min_target_var 1000") as e:
+    # The guard reads the values of log steps (the step itself never waits for the device): with
+    # log_every 2 the first step past after_steps=2 that it sees is step 4.
+    recipe = load_recipe(recipe_path("vision"), _small(tmp_path, "train.max_steps=7", "monitor.after_steps=2",
+                                                        "train.log_every=2", "monitor.min_target_var=1000",
+                                                        "tracking.enabled=false"))
+    with pytest.raises(CollapseError, match=r"step 4: .*target_var [0-9.]+ < monitor.min_target_var 1000") as e:
         run(recipe)
-    assert "step_00000003" in str(e.value) and (tmp_path / "ckpt" / "step_00000003" / "COMPLETE").exists()
+    assert "step_00000004" in str(e.value) and (tmp_path / "ckpt" / "step_00000004" / "COMPLETE").exists()
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -35,14 +36,31 @@ def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def apply_activation_checkpointing(student: Data2Vec, teacher: EMATeacher) -> None:
-    """Wrap every encoder block of student and teacher alike (so EMA names still pair); the
-    teacher's forward runs under no_grad, where the wrapper only runs the block."""
+def prepare_blocks(student: Data2Vec, teacher: EMATeacher, engine_cfg: EngineConfig,
+                   shard: Callable[[nn.Module, bool], None] | None = None) -> None:
+    """Every encoder block of student and teacher alike, in one fixed order: activation checkpointing,
+    then ``torch.compile`` of the block, then ``shard(block, is_teacher)`` (an engine's sharding of one
+    unit). torchtitan's order (torchtitan/models/llama3/infra/parallelize.py): the checkpoint wrapper
+    must sit inside the compiled region so compile sees the recomputation, and sharding comes last so
+    its hooks wrap the compiled block instead of breaking its graph.
+
+    Both encoders get the same wrappers, so parameter names (and the EMA's pairing by name) stay equal.
+    The teacher's forward runs under no_grad, where the checkpoint wrapper only runs the block.
+    ``Module.compile`` compiles in place: names and state dicts do not change. The block's inputs
+    have fixed shapes per micro-batch; ``dynamic=None`` lets dynamo mark a dimension dynamic after it
+    has seen it change (speech lengths, text blocks), instead of recompiling for every length. The
+    parts with data-dependent shapes (gathering masked rows, building targets) run outside.
+    """
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    for encoder in (student.encoder, teacher.encoder):
-        for i, block in enumerate(encoder.blocks):
-            encoder.blocks[i] = checkpoint_wrapper(block)
+    for encoder, is_teacher in ((student.encoder, False), (teacher.encoder, True)):
+        for i in range(len(encoder.blocks)):
+            if engine_cfg.activation_checkpointing:
+                encoder.blocks[i] = checkpoint_wrapper(encoder.blocks[i])
+            if engine_cfg.compile:
+                encoder.blocks[i].compile(fullgraph=engine_cfg.compile_fullgraph, dynamic=None)
+            if shard is not None:
+                shard(encoder.blocks[i], is_teacher)
 
 
 class Engine(ABC):
@@ -87,13 +105,21 @@ class Engine(ABC):
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    @abstractmethod
-    def backward(self, loss: torch.Tensor, *, is_last_micro_batch: bool) -> None:
-        """Backward of one micro-batch; gradients are synchronised across ranks on the last one only."""
+    def micro_batch(self, *, last: bool):
+        """Context around the forward AND backward of one micro-batch: gradients are synchronised across
+        ranks only in the last one of an optimizer step (DDP must see its forward inside ``no_sync``
+        as well, or every backward all-reduces). One process: nothing to defer."""
+        return contextlib.nullcontext()
 
     @abstractmethod
-    def step(self, grad_clip: float) -> float:
-        """Clip, step optimizer and scheduler, zero grads. Returns the (pre-clip) global grad norm."""
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch (inside :meth:`micro_batch`)."""
+
+    @abstractmethod
+    def step(self) -> torch.Tensor:
+        """Clip (at ``optim.grad_clip``, fixed at setup), step optimizer and scheduler, zero grads.
+        Returns the (pre-clip) global grad norm as a 0-d tensor, left on the device: reading it is
+        the caller's choice (a host sync)."""
 
     @abstractmethod
     def ema_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -40,7 +40,31 @@ class DDPEngine(ProcessGroup, SingleEngine):
             find_unused_parameters=unused,
         )
 
-    def backward(self, loss, *, is_last_micro_batch: bool):
-        sync = contextlib.nullcontext() if is_last_micro_batch else self._model.no_sync()
-        with sync:
-            self.scaler.scale(loss).backward()
+    def count_gradient_traffic(self) -> "GradientTraffic":
+        """Count the gradient all-reduces from here on (a diagnostic: benchmarks and tests). Call before
+        the first step: DDP takes comm hooks only before its first forward."""
+        traffic = GradientTraffic()
+        self._model.register_comm_hook(None, traffic.hook)
+        return traffic
+
+    def micro_batch(self, *, last: bool):
+        # DDP decides at forward time whether the coming backward all-reduces (it prepares its reducer
+        # in forward), so the forward must be inside no_sync too: one all-reduce per optimizer step.
+        return contextlib.nullcontext() if last else self._model.no_sync()
+
+
+class GradientTraffic:
+    """Calls and bytes of DDP's gradient all-reduces: a comm hook that counts each bucket and then runs
+    DDP's own all-reduce (``default_hooks.allreduce_hook``, what DDP does without a hook)."""
+
+    def __init__(self):
+        self.calls = 0
+        self.bytes = 0
+
+    def hook(self, process_group, bucket):
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        buffer = bucket.buffer()
+        self.calls += 1
+        self.bytes += buffer.numel() * buffer.element_size()
+        return default_hooks.allreduce_hook(process_group, bucket)

@@ -45,6 +45,7 @@ offsets, shapes), which scaling.checkpoint's ``deepspeed`` format writes per ran
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import torch
@@ -54,7 +55,7 @@ from torch import nn
 from scaling.checkpoint.formats import clean_name
 from scaling.config import EngineConfig, OptimConfig, ScheduleConfig, TrainConfig
 from scaling.distributed import env_info, init_process_group
-from scaling.engines.base import Engine, ProcessGroup, apply_activation_checkpointing, pick_device, tensor_bytes
+from scaling.engines.base import Engine, ProcessGroup, pick_device, prepare_blocks, tensor_bytes
 from scaling.optim import build_optimizer, build_scheduler, param_groups
 from scaling.plan import BatchPlan
 from scaling.teacher import EMATeacher
@@ -101,6 +102,11 @@ class DeepSpeedEngine(ProcessGroup, Engine):
         if engine_cfg.zero_stage not in (1, 2, 3):
             raise ValueError(f"engine.zero_stage must be 1, 2 or 3 for deepspeed, got {engine_cfg.zero_stage}")
         self.stage = engine_cfg.zero_stage
+        if engine_cfg.compile and self.stage == 3:
+            # ZeRO-3 gathers each submodule's parameters in its own forward hooks, which a compiled block
+            # would have to trace; not verified here. ZeRO-1/2 hold whole parameters and compile as single.
+            raise ValueError("engine.compile: true is not supported with deepspeed zero_stage 3; use engine.name=fsdp "
+                             "(sharded like ZeRO-3, compiled per block) or zero_stage 1/2, or engine.compile=false")
         self.device = pick_device(train_cfg.device, env_info().local_rank)
         _skip_cpu_shm_build()
         import deepspeed
@@ -134,10 +140,8 @@ class DeepSpeedEngine(ProcessGroup, Engine):
             raise ValueError(f"batch plan for world size {plan.world_size}, but {self.world_size} ranks run")
         if teacher is None:  # zero.Init partitions a real module; its values are replaced by the masters' below
             teacher = EMATeacher(student.encoder)
-        if self.engine_cfg.activation_checkpointing:
-            apply_activation_checkpointing(student, teacher)
+        prepare_blocks(student, teacher, self.engine_cfg)  # DeepSpeed then partitions whole modules
         self.cfg = self.ds_config(optim_cfg, plan)
-        self._grad_clip = float(optim_cfg.grad_clip)
         # Encoder parameters in their own groups (ZeRO-1/2 partitions each group separately: the
         # teacher is aligned with the encoder groups' master partitions). Same decay rule as
         # scaling.optim.param_groups, so the update equals the single engine's.
@@ -298,21 +302,28 @@ class DeepSpeedEngine(ProcessGroup, Engine):
             t.data = torch.empty(0, dtype=torch.float32, device=self.device)
 
     # ------------------------------------------------------------------ one optimizer step
-    def backward(self, loss, *, is_last_micro_batch: bool):
-        assert self.ds.is_gradient_accumulation_boundary() == is_last_micro_batch, \
+    @contextlib.contextmanager
+    def micro_batch(self, *, last: bool):
+        # DeepSpeed counts micro-batches itself (gradient_accumulation_steps in its config) and reduces at
+        # its accumulation boundary: ZeRO-1 all-reduces once per optimizer step; ZeRO-2/3 reduce-scatter
+        # in every backward into their gradient partitions (that is what keeps their gradient memory at
+        # 1/world). The boundary must agree with the trainer's micro-batch count.
+        assert self.ds.is_gradient_accumulation_boundary() == last, \
             "DeepSpeed's accumulation boundary disagrees with the trainer's micro-batch count"
-        # The trainer normalised the loss over the whole global batch: no division by accumulation.
-        self.ds.backward(loss, scale_wrt_gas=False)
-        if not is_last_micro_batch:
+        yield
+        if not last:
             self.ds.step()  # DeepSpeed's per-micro-batch bookkeeping; the optimizer steps at the boundary
 
-    def step(self, grad_clip: float) -> float:
-        assert grad_clip == self._grad_clip, "gradient clipping is fixed in the DeepSpeed config at setup"
+    def backward(self, loss):
+        # The trainer normalised the loss over the whole global batch: no division by accumulation.
+        self.ds.backward(loss, scale_wrt_gas=False)
+
+    def step(self) -> torch.Tensor:
         steps = self.ds.global_steps
         self.ds.step()  # clip (config), optimizer, LR scheduler, zero grads
         assert self.ds.global_steps == steps + 1, "DeepSpeed did not take an optimizer step at the boundary"
-        norm = self.ds.get_global_grad_norm()  # before clipping
-        return float(norm) if norm is not None else float("nan")
+        norm = self.ds.get_global_grad_norm()  # before clipping; DeepSpeed's own step reads it on the host
+        return torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32)
 
     def ema_tensors(self):
         if self.stage == 3:

@@ -19,6 +19,8 @@ fp32 shards with no communication.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -33,7 +35,7 @@ from torch.distributed.tensor import DTensor
 
 from scaling.config import EngineConfig, OptimConfig, ScheduleConfig, TrainConfig
 from scaling.distributed import env_info, init_process_group
-from scaling.engines.base import Engine, ProcessGroup, apply_activation_checkpointing, pick_device
+from scaling.engines.base import Engine, ProcessGroup, pick_device, prepare_blocks
 from scaling.optim import build_optimizer, build_scheduler
 from scaling.plan import BatchPlan
 from scaling.teacher import EMATeacher
@@ -81,21 +83,21 @@ class FSDPEngine(ProcessGroup, Engine):
         from_student = teacher is None
         if from_student:
             teacher = EMATeacher(student.encoder, on_meta=True)
-        if self.engine_cfg.activation_checkpointing:  # before sharding, student and teacher alike
-            apply_activation_checkpointing(student, teacher)
         # No .to(device) first: fully_shard moves each unit's parameters to the mesh's device as it shards
         # them, so the whole student never sits on one device.
         raf = self.engine_cfg.reshard_after_forward
-        for block in student.encoder.blocks:
-            fully_shard(block, mesh=self.mesh, mp_policy=self.mp_policy, reshard_after_forward=raf)
+
+        def shard(block, is_teacher: bool):
+            fully_shard(block, mesh=self.mesh, mp_policy=self.mp_policy, reshard_after_forward=is_teacher or raf)
+
+        prepare_blocks(student, teacher, self.engine_cfg, shard)  # checkpointing, compile, then sharding
         fully_shard(student, mesh=self.mesh, mp_policy=self.mp_policy, reshard_after_forward=raf)
-        for block in teacher.encoder.blocks:
-            fully_shard(block, mesh=self.mesh, mp_policy=self.mp_policy, reshard_after_forward=True)
         fully_shard(teacher, mesh=self.mesh, mp_policy=self.mp_policy, reshard_after_forward=True)
         if from_student:
             teacher.to_empty(device=self.device)  # allocates this rank's shards only
         self._student = self._model = student
         self._teacher = teacher
+        self._grad_clip = float(optim_cfg.grad_clip)
         self.optimizer = build_optimizer(student, optim_cfg)  # DTensor params: the optimizer state is sharded
         self.scheduler = build_scheduler(self.optimizer, schedule_cfg, max_steps)
         self._pairs = self._ema_pairs()
@@ -132,11 +134,17 @@ class FSDPEngine(ProcessGroup, Engine):
                 b.copy_(student_buffers[name])
 
     # ------------------------------------------------------------------ interface
-    def backward(self, loss, *, is_last_micro_batch: bool):
-        self._student.set_requires_gradient_sync(is_last_micro_batch)
+    def micro_batch(self, *, last: bool):
+        # Earlier micro-batches keep unsharded gradients (more memory) and reduce-scatter once, in the
+        # last backward of the step.
+        self._student.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
+    def backward(self, loss):
         loss.backward()
 
-    def step(self, grad_clip: float) -> float:
+    def step(self) -> torch.Tensor:
+        grad_clip = self._grad_clip
         params = [p for p in self._student.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
         if isinstance(norm, DTensor):  # partial norms of the shards: reduce once
@@ -146,7 +154,7 @@ class FSDPEngine(ProcessGroup, Engine):
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
     def ema_tensors(self):
         # Taken after FSDP's lazy init (first forward), which may re-point the local tensor of an

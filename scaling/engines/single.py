@@ -6,7 +6,7 @@ import torch
 
 from scaling.config import EngineConfig, OptimConfig, ScheduleConfig, TrainConfig
 from scaling.plan import BatchPlan
-from scaling.engines.base import Engine, apply_activation_checkpointing, pick_device, tensor_bytes
+from scaling.engines.base import Engine, pick_device, prepare_blocks, tensor_bytes
 from scaling.optim import build_optimizer, build_scheduler
 from scaling.teacher import EMATeacher, ema_pairs
 
@@ -28,8 +28,8 @@ class SingleEngine(Engine):
     def setup(self, student, teacher, optim_cfg: OptimConfig, schedule_cfg: ScheduleConfig, *, max_steps: int,
               plan: BatchPlan):
         teacher = teacher if teacher is not None else EMATeacher(student.encoder)
-        if self.engine_cfg.activation_checkpointing:
-            apply_activation_checkpointing(student, teacher)
+        prepare_blocks(student, teacher, self.engine_cfg)
+        self._grad_clip = float(optim_cfg.grad_clip)
         self._student = self._model = student.to(self.device)
         self._teacher = teacher.to(self.device)
         self.optimizer = build_optimizer(self._student, optim_cfg)
@@ -38,21 +38,22 @@ class SingleEngine(Engine):
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self._pairs = ema_pairs(self._teacher.encoder, self._student.encoder)
 
-    def backward(self, loss, *, is_last_micro_batch: bool):
+    def backward(self, loss):
         self.scaler.scale(loss).backward()
 
-    def step(self, grad_clip: float) -> float:
+    def step(self) -> torch.Tensor:
+        # fp16 only: the scaler's inf check reads one value on the host (its skip-or-step decision).
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self._student.parameters() if p.grad is not None]
-        if grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
+        if self._grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, self._grad_clip, foreach=True)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
     def ema_tensors(self):
         return self._pairs

@@ -103,8 +103,11 @@ class Data2Vec(nn.Module):
         if mask.shape != eo.x_BTD.shape[:2]:
             raise ValueError(f"mask_BT {tuple(mask.shape)} does not match encoder positions "
                              f"{tuple(eo.x_BTD.shape[:2])}")
-        # Boolean indexing keeps the row-major order of mask_BT.nonzero() (docs/data2vec.md §1.1 item 4).
-        pred = self.head(eo.x_BTD[mask])
+        # Row-major order of mask_BT.nonzero() (docs/data2vec.md §1.1 item 4). The trainer passes those
+        # indices, computed on the host (``mask_index_N``): boolean indexing on a GPU makes the host wait
+        # for the count of rows.
+        index = batch.get("mask_index_N")
+        pred = self.head(eo.x_BTD[mask] if index is None else eo.x_BTD.flatten(0, 1).index_select(0, index))
         return StudentOutput(
             pred_ND=pred,
             mask_BT=mask,
