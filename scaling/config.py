@@ -229,6 +229,16 @@ class DataConfig:
     speech: SpeechDataConfig = field(default_factory=SpeechDataConfig)
     vision: VisionDataConfig = field(default_factory=VisionDataConfig)
     text: TextDataConfig = field(default_factory=TextDataConfig)
+    # Vision on a CUDA device: the workers hand out uint8 crops and per-sample flip flags (4x fewer
+    # bytes to pin and copy, no float work in the workers) and scaling.data.device.to_device flips,
+    # converts and normalises the whole batch on the GPU; the result equals the workers' float
+    # images. False, and on CPU devices (where the stage would only leave the workers for the
+    # training process): the workers hand out finished float images.
+    device_stage: bool = True
+    # With train_shards=synthetic: the batches are made on the training device itself (no workers,
+    # no copies, no per-sample work) with the CPU stream's keys, dtypes, shapes and mask kinds, but
+    # random content: for measuring model speed, not for learning anything.
+    synthetic_on_device: bool = False
 
 
 # ----------------------------------------------------------------------------- infrastructure

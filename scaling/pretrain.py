@@ -110,7 +110,7 @@ def run(recipe: Recipe, *, stop_at_step: int | None = None, gather_state: bool =
         engine.setup(student, teacher, recipe.optim, recipe.schedule, max_steps=recipe.train.max_steps, plan=plan)
         loader = build_loader(recipe.data, recipe.model, recipe.masking, seed=recipe.seed, rank=engine.rank,
                               world_size=engine.world_size, micro_batch_size=plan.micro_batch_size,
-                              max_batch_audio_samples=plan.micro_batch_audio_samples)
+                              max_batch_audio_samples=plan.micro_batch_audio_samples, device=engine.device)
         cleanup.callback(loader.close)  # DataLoader workers stop here, before the engine's process group
         planned = planned.with_loader(loader)
         checkpointer = Checkpointer(recipe.checkpoint, engine, recipe)

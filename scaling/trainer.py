@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from scaling.checkpoint import Checkpointer, NonFiniteStateError
 from scaling.config import EMAConfig, ModelConfig, MonitorConfig, ObjectiveConfig, TrainConfig
+from scaling.data.device import to_device
 from scaling.data.quality import BAD_KINDS, SHARD_EVENTS, STAT_NAMES
 from scaling.engines import Engine
 from scaling.flops import batch_counts, peak_flops
@@ -85,15 +86,17 @@ class StepRecord:
     measured: torch.Tensor | None = None
 
 
-def host_stage(batch: dict) -> dict:
+def host_stage(batch: dict, device: torch.device) -> dict:
     """What the step needs from a CPU batch, computed on the host before it moves: the flat indices of
     the masked positions (row-major, the order of boolean indexing). Gathering rows by these indices
-    has a shape known in advance; boolean indexing on the device would make the host wait for a count."""
-    return {**batch, "mask_index_N": batch["mask_BT"].reshape(-1).nonzero().squeeze(1)}
-
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    has a shape known in advance; boolean indexing on the device would make the host wait for a count.
+    Pinned for a CUDA device, so that its copy is asynchronous like the batch's. (A batch made on the
+    device, ``data.synthetic_on_device``, has its mask there: its count is read once per micro-batch.)"""
+    if "mask_index_N" in batch:
+        return batch
+    index_N = batch["mask_BT"].reshape(-1).nonzero().squeeze(1)
+    pin = device.type == "cuda" and index_N.device.type == "cpu"
+    return {**batch, "mask_index_N": index_N.pin_memory() if pin else index_N}
 
 
 def _masked_rows(x_BTD: torch.Tensor, mask_index_N: torch.Tensor) -> torch.Tensor:
@@ -162,7 +165,7 @@ class Trainer:
         engine.model.train()
         # Host side (CPU batches, before they move): rows, real positions, FLOPs; masked-row indices.
         counts = [batch_counts(self.model_cfg, b) for b in micro_batches]
-        batches = [_to_device(host_stage(b), engine.device) for b in micro_batches]
+        batches = [to_device(host_stage(b, engine.device), engine.device) for b in micro_batches]
         # The loss is normalised by the masked positions of the whole global batch: every micro-batch
         # and every rank (docs/data2vec.md §1.1 item 5), so results do not depend on how the batch is split.
         # The count stays on the device; a step without any masked position is reported by read().

@@ -9,6 +9,14 @@ stacks items into a batch.
 Every random choice of a sample (speech crop, vision augmentation, every mask) comes from
 ``sample_rng(seed, epoch, sample_id[, block])``: it depends only on the sample, never on its batch
 neighbours, its rank or the micro-batch size.
+
+Vision with ``device_stage`` (the loader's choice for CUDA devices, ``data.device_stage``): an item
+holds the uint8 crop and its flip flag instead of the float image, and a batch holds
+``image_uint8_BCHW``, ``hflip_B`` and the normalisation as ``pixel_mean_BC`` / ``pixel_std_BC``
+instead of ``image_BCHW``; :func:`scaling.data.device.to_device` turns that into the same
+``image_BCHW`` on the device. The crop and resize already work on uint8 (torchvision resizes a
+uint8 image to uint8), so only the flip, the float conversion and the normalisation move, and the
+result does not change: they are exact per-pixel operations the device repeats in the same order.
 """
 
 from __future__ import annotations
@@ -25,12 +33,15 @@ from scaling.data.quality import BadSample
 from scaling.data.shards import quiet_tv_io
 from scaling.masking import sample_rng, speech_span_mask, text_span_mask, vision_block_mask
 
-__all__ = ["SampleProcessor", "BOS_ID", "EOS_ID", "UNK_ID"]
+__all__ = ["SampleProcessor", "BOS_ID", "EOS_ID", "UNK_ID", "RAW_IMAGE_KEYS"]
 
 # fairseq/RoBERTa special ids (pad and <mask> come from ModelConfig.text).
 BOS_ID = 0
 EOS_ID = 2
 UNK_ID = 3
+
+# What a vision batch holds instead of image_BCHW when the device stage finishes it (module docstring).
+RAW_IMAGE_KEYS = ("image_uint8_BCHW", "hflip_B", "pixel_mean_BC", "pixel_std_BC")
 
 
 def _label(raw: dict) -> Optional[int]:
@@ -78,8 +89,12 @@ def _check_meta(meta: dict, field: str, actual: int) -> None:
 class SampleProcessor:
     """Decodes and masks samples of one modality; builds batches of them."""
 
-    def __init__(self, data_cfg: DataConfig, model_cfg: ModelConfig, masking_cfg: MaskingConfig, seed: int):
+    def __init__(self, data_cfg: DataConfig, model_cfg: ModelConfig, masking_cfg: MaskingConfig, seed: int, *,
+                 device_stage: bool = False):
+        """``device_stage`` (vision): items and batches of uint8 images plus flip flags, finished by
+        :func:`scaling.data.device.to_device` (module docstring); False gives finished float images."""
         self.data_cfg = data_cfg
+        self.device_stage = bool(device_stage)
         self.model_cfg = model_cfg
         self.masking_cfg = masking_cfg
         self.seed = int(seed)
@@ -193,22 +208,19 @@ class SampleProcessor:
         size = vc.image_size
         self._size = size
         if dc.augment:
-            self._geometric = v2.Compose(
-                [
-                    v2.RandomResizedCrop(
-                        (size, size),
-                        scale=tuple(dc.crop_scale),
-                        interpolation=v2.InterpolationMode.BICUBIC,
-                        antialias=True,
-                    ),
-                    v2.RandomHorizontalFlip(),
-                ]
+            self._geometric = v2.RandomResizedCrop(
+                (size, size), scale=tuple(dc.crop_scale), interpolation=v2.InterpolationMode.BICUBIC, antialias=True
             )
         else:
             self._geometric = v2.Resize((size, size), interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+        # v2.RandomHorizontalFlip's rule, drawn here so the flag can travel with a uint8 image: it
+        # flips when torch.rand(1) < p, drawn right after the crop's draws (as Compose([crop, flip]) did).
+        self._flip_p = 0.5 if dc.augment else 0.0
         self._to_float = v2.Compose(
             [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(dc.mean[:C]), list(dc.std[:C]))]
         )
+        self._mean_C = torch.tensor(list(dc.mean[:C]), dtype=torch.float32)
+        self._std_C = torch.tensor(list(dc.std[:C]), dtype=torch.float32)
         self._grid = (size // vc.patch_size, size // vc.patch_size)
 
     def _decode_image(self, raw: dict) -> torch.Tensor:
@@ -230,6 +242,7 @@ class SampleProcessor:
             raise ValueError(f"expected a uint8 [{self.model_cfg.vision.channels},H,W] image, got {image.dtype} {tuple(image.shape)}")
         rng = sample_rng(self.seed, epoch, sample_id)
         torch_seed = int(rng.integers(0, 2**63 - 1))
+        flip = False
         if self.data_cfg.vision.augment or tuple(image.shape[1:]) != (self._size, self._size):
             # The augmentation draws from torch's global RNG: fork it and seed it per sample so
             # the result depends on this sample only (and the caller's RNG stream is untouched).
@@ -237,9 +250,15 @@ class SampleProcessor:
                 # The CPU generator only: torch.manual_seed also seeds CUDA, whose lazy-init bookkeeping
                 # (a stack trace per call on CUDA builds) cost half of a small image's processing.
                 torch.default_generator.manual_seed(torch_seed)
-                image = self._geometric(image)
-        pixels = self._to_float(image).contiguous()
+                image = self._geometric(image)  # uint8 in, uint8 out
+                flip = self._flip_p > 0 and bool(torch.rand(1) < self._flip_p)
         mask = vision_block_mask(rng, self._grid, self.masking_cfg.vision)
+        if self.device_stage:
+            return [{"image_uint8": image.contiguous(), "hflip": flip, "mask": mask, "label": label,
+                     "id": int(sample_id)}]
+        if flip:
+            image = image.flip(-1)  # what v2.RandomHorizontalFlip does to an image tensor
+        pixels = self._to_float(image).contiguous()
         return [{"image": pixels, "mask": mask, "label": label, "id": int(sample_id)}]
 
     # ------------------------------------------------------------------ text
@@ -296,7 +315,14 @@ class SampleProcessor:
                 mask[i, : m.shape[0]] = m
             batch.update(audio_BT=audio, audio_padding_BT=pad, mask_BT=mask)
         elif self.modality == "vision":
-            batch["image_BCHW"] = torch.stack([it["image"] for it in items])
+            if "image_uint8" in items[0]:
+                batch["image_uint8_BCHW"] = torch.stack([it["image_uint8"] for it in items])
+                batch["hflip_B"] = torch.tensor([it["hflip"] for it in items], dtype=torch.bool)
+                # Per row, so that every tensor of a batch is indexed by row (a caller may select rows).
+                batch["pixel_mean_BC"] = self._mean_C.repeat(B, 1)
+                batch["pixel_std_BC"] = self._std_C.repeat(B, 1)
+            else:
+                batch["image_BCHW"] = torch.stack([it["image"] for it in items])
             batch["mask_BT"] = torch.stack([torch.from_numpy(it["mask"]) for it in items])
         else:
             T = max(it["tokens"].shape[0] for it in items)

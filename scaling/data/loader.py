@@ -62,7 +62,15 @@ fails or ends early is handled like a truncated local shard (warned, counted as
 rectangles on gradients for vision, a Markov chain for text), deterministic per
 ``(seed, global sample index)``. Synthetic "epochs" are blocks of ``synthetic_epoch_size``
 global indices and slot s takes the indices ``s (mod slots)``, so any world size sees the same
-global batches (the engine tests compare sharded runs to one process with it).
+global batches (the engine tests compare sharded runs to one process with it). With
+``data.synthetic_on_device`` the same stream (indices, epochs, speech lengths, batching, resume
+state) is kept but every batch is made in one go on the training device, with random content
+(:mod:`scaling.data.device`): for model-speed measurements.
+
+The device (``build_loader(device=...)``). For a CUDA device batches are handed out in pinned
+memory (the DataLoader's ``pin_memory``, or pinned in this process without workers), so the
+``non_blocking`` copies of :func:`scaling.data.device.to_device` overlap with compute, and vision
+batches hold uint8 images that to_device finishes on the GPU (``data.device_stage``).
 """
 
 from __future__ import annotations
@@ -662,7 +670,8 @@ class Loader:
 
     def __init__(self, source, proc: SampleProcessor, *, seed: int, rank: int, world_size: int,
                  micro_batch_size: int, num_workers: int = 0, epochs: Optional[int] = None,
-                 max_bad_fraction: float = 1.0, bad_check_min_samples: int = 0, max_batch_audio_samples: int = 0):
+                 max_bad_fraction: float = 1.0, bad_check_min_samples: int = 0, max_batch_audio_samples: int = 0,
+                 pin_memory: bool = False):
         if max_batch_audio_samples < 0:
             raise ValueError(f"max_batch_audio_samples must be >= 0 (0: fixed-count batches), got {max_batch_audio_samples}")
         if micro_batch_size < 0 or (micro_batch_size == 0 and not max_batch_audio_samples):
@@ -681,6 +690,10 @@ class Loader:
                              "some ranks or workers would get none; use fewer data.num_workers or more data")
         self.epochs = epochs
         self.max_bad_fraction, self.bad_check_min_samples = max_bad_fraction, bad_check_min_samples
+        # Batches in page-locked memory, so that copies to a GPU are asynchronous (build_loader asks for it on CUDA).
+        self.pin_memory = bool(pin_memory)
+        # Without workers there is no DataLoader pin thread: __next__ pins (pinning needs a CUDA device).
+        self._pin_here = self.pin_memory and self.num_workers == 0 and torch.cuda.is_available()
         self.epoch = 0
         self._cursors = [(0, 0, 0)] * self.workers
         self._counters: list[dict] = [{}] * self.workers
@@ -696,8 +709,10 @@ class Loader:
             self._it = self._start()
         worker, batch, cursor, counters, epoch = next(self._it)
         assert worker == self._next_worker or self.epochs is not None, (worker, self._next_worker)
+        if self._pin_here:
+            batch = {k: v.pin_memory() if v.device.type == "cpu" else v for k, v in batch.items()}
         if cursor is not None:
-            self._cursors[worker] = cursor
+            self._cursors[worker] = tuple(cursor)  # the DataLoader's pin thread hands tuples back as lists
         self._counters[worker] = counters
         self._next_worker = (worker + 1) % self.workers
         self.epoch = epoch
@@ -706,17 +721,21 @@ class Loader:
     def _start(self):
         # Free functions and a dataset object, not methods: a generator referencing the Loader would
         # form a cycle, and DataLoader workers would then be shut down only by the cyclic GC.
-        stop = self.epochs
         if self.num_workers == 0:
             return _slot_batches(self.source, self.proc, self.rank, self.num_slots, 0, self._cursors[0],
-                                 self._counters[0], self.batching, stop)
-        dl = torch.utils.data.DataLoader(
+                                 self._counters[0], self.batching, self.epochs)
+        return iter(self._dataloader())
+
+    def _dataloader(self) -> torch.utils.data.DataLoader:
+        """The DataLoader over this rank's worker slots from the current state (workers > 0); its
+        workers start when it is iterated."""
+        return torch.utils.data.DataLoader(
             _WorkerSlots(self.source, self.proc, self.rank, self.workers, self.num_slots, list(self._cursors),
-                         list(self._counters), self._next_worker, self.batching, stop),
+                         list(self._counters), self._next_worker, self.batching, self.epochs),
             batch_size=None, num_workers=self.num_workers, collate_fn=_identity, worker_init_fn=_worker_init,
             # A private generator: creating the DataLoader must not consume the global RNG.
-            generator=torch.Generator().manual_seed(self.seed), prefetch_factor=2, persistent_workers=False)
-        return iter(dl)
+            generator=torch.Generator().manual_seed(self.seed), prefetch_factor=2, persistent_workers=False,
+            pin_memory=self.pin_memory)
 
     def close(self) -> None:
         """Stop the stream (and its DataLoader workers, if any) now; iteration may resume."""
@@ -855,6 +874,7 @@ def build_loader(
     synthetic_epoch_size: Optional[int] = None,
     epochs: Optional[int] = None,
     max_batch_audio_samples: int = 0,
+    device: torch.device | str = "cpu",
 ) -> Loader:
     """The loader of one rank (see the module docstring); infinite, or ``epochs`` whole epochs.
 
@@ -865,7 +885,13 @@ def build_loader(
     ``max_batch_audio_samples`` (speech): 0 gives batches of ``micro_batch_size`` utterances; > 0
     gives length-bucketed batches of at most that many samples of padded audio (utterances x the
     longest one), each with at most ``micro_batch_size`` utterances (0: no bound). It must be at
-    least ``data.speech.max_samples``, so the longest clip fits a batch on its own."""
+    least ``data.speech.max_samples``, so the longest clip fits a batch on its own.
+
+    ``device``: the training device the batches go to, through :func:`scaling.data.device.to_device`.
+    On CUDA, batches come in pinned memory and (``data.device_stage``) vision batches hold uint8
+    images plus flip flags that to_device finishes on the GPU; on CPU they are finished float batches.
+    ``data.synthetic_on_device`` (with ``train_shards=synthetic``) makes the batches on this device,
+    without workers."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} not in [0, {world_size})")
     if seed < 0:
@@ -879,10 +905,26 @@ def build_loader(
                              f"data.speech.sample_rate) < data.speech.max_samples {data_cfg.speech.max_samples}: "
                              "the longest clip would not fit a micro-batch; raise train.micro_batch_seconds or "
                              "lower data.speech.max_samples")
-    proc = SampleProcessor(data_cfg, model_cfg, masking_cfg, seed)
-    if data_cfg.train_shards.strip() == "synthetic":
+    device = torch.device(device)
+    on_gpu = device.type == "cuda"
+    num_workers = data_cfg.num_workers
+    if data_cfg.synthetic_on_device:
+        if data_cfg.train_shards.strip() != "synthetic":
+            raise ValueError(f"data.synthetic_on_device makes synthetic batches; it needs data.train_shards=synthetic, "
+                             f"not {data_cfg.train_shards!r}")
+        from scaling.data.device import DeviceBatchMaker, DeviceSyntheticSource
+
+        proc = DeviceBatchMaker(data_cfg, model_cfg, masking_cfg, seed, device)
+        source = DeviceSyntheticSource(data_cfg, model_cfg, seed, synthetic_epoch_size or DEFAULT_SYNTHETIC_EPOCH_SIZE)
+        if num_workers:
+            log.info("data.synthetic_on_device: data.num_workers=%d is not used (batches are made on %s)",
+                     num_workers, device)
+        num_workers = 0  # a worker process cannot hand out tensors that live on a GPU
+    elif data_cfg.train_shards.strip() == "synthetic":
+        proc = SampleProcessor(data_cfg, model_cfg, masking_cfg, seed, device_stage=data_cfg.device_stage and on_gpu)
         source = _SyntheticSource(data_cfg, model_cfg, seed, synthetic_epoch_size or DEFAULT_SYNTHETIC_EPOCH_SIZE)
     else:
+        proc = SampleProcessor(data_cfg, model_cfg, masking_cfg, seed, device_stage=data_cfg.device_stage and on_gpu)
         paths = expand_shards(data_cfg.train_shards)  # ValueError naming a missing shard
         # Before any training: shards vs their indexes (listed, sizes, modality) and, for text, the
         # tokenizer they were made with vs data.text.tokenizer (ValueError naming the files).
@@ -893,6 +935,7 @@ def build_loader(
         counts = [len(_sample_offsets(p)) if n is None else n for p, n in zip(paths, counts)]
         source = _ShardSource(paths, counts, seed, data_cfg.shuffle_buffer, data_cfg.max_sample_bytes)
     return Loader(source, proc, seed=seed, rank=rank, world_size=world_size, micro_batch_size=micro_batch_size,
-                  num_workers=data_cfg.num_workers, epochs=epochs, max_bad_fraction=data_cfg.max_bad_fraction,
+                  num_workers=num_workers, epochs=epochs, max_bad_fraction=data_cfg.max_bad_fraction,
                   bad_check_min_samples=data_cfg.bad_check_min_samples,
-                  max_batch_audio_samples=max_batch_audio_samples)
+                  max_batch_audio_samples=max_batch_audio_samples,
+                  pin_memory=on_gpu and not data_cfg.synthetic_on_device)
