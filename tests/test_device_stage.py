@@ -11,27 +11,21 @@ import numpy as np
 import pytest
 import torch
 
-from scaling.config import DataConfig, MaskingConfig, ModelConfig, SpeechMaskConfig, TextMaskConfig
+from scaling.config import SpeechMaskConfig, TextMaskConfig
 from scaling.data import build_loader
 from scaling.data.collate import RAW_IMAGE_KEYS
 from scaling.data.device import speech_span_masks, text_span_masks, to_device
 from scaling.data.loader import _TAG_SYNTH
 from scaling.data.quality import STAT_NAMES
 from scaling.masking import sample_rng, speech_span_mask, text_span_mask
+from test_data import make_cfgs
 
 SEED = 5
 
 
 def cfgs(modality: str, **data_kw):
-    d = DataConfig(train_shards="synthetic", shuffle_buffer=8, **data_kw)
-    d.speech.min_samples, d.speech.max_samples = 4000, 12000
+    d, m, k = make_cfgs(modality, **data_kw)
     d.vision.augment, d.vision.crop_scale = True, [0.3, 1.0]  # ImageNet mean/std: a real normalisation
-    d.text.block_size = 24
-    m = ModelConfig(modality=modality)
-    m.vision.image_size, m.vision.patch_size, m.vision.channels = 16, 4, 3
-    m.text.vocab_size, m.text.max_positions = 200, 32
-    k = MaskingConfig()
-    k.vision.min_block_patches = 2
     return d, m, k
 
 
