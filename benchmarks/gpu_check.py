@@ -111,7 +111,7 @@ def check_syncs(args, tmp: Path) -> bool:
 
 def measure(args, tmp: Path) -> bool:
     ok = True
-    print(f"\n| modality | engine | input | precision | micro-batch | samples/s | MFU |")
+    print("\n| modality | engine | input | precision | micro-batch | samples/s | MFU |")
     print("|---|---|---|---|---|---|---|")
     size = "tiny" if args.quick else "base"
     runs = [(m, e, "model only (GPU synthetic)", ["data.train_shards=synthetic", "data.synthetic_on_device=true"])
