@@ -41,18 +41,32 @@ def prepare_blocks(student: Data2Vec, teacher: EMATeacher, engine_cfg: EngineCon
     """Every encoder block of student and teacher alike, in one fixed order: activation checkpointing,
     then ``torch.compile`` of the block, then ``shard(block, is_teacher)`` (an engine's sharding of one
     unit). torchtitan's order (torchtitan/models/llama3/infra/parallelize.py): the checkpoint wrapper
-    must sit inside the compiled region so compile sees the recomputation, and sharding comes last so
-    its hooks wrap the compiled block instead of breaking its graph.
+    must sit inside the compiled region so compile sees the recomputation; sharding comes last
+    (``Module.compile`` compiles the block's ``forward`` frame, so FSDP2's module hooks run outside the
+    graph either way, and the shape-marking hook below must run after FSDP2's).
 
     Both encoders get the same wrappers, so parameter names (and the EMA's pairing by name) stay equal.
     The teacher's forward runs under no_grad, where the checkpoint wrapper only runs the block.
-    ``Module.compile`` compiles in place: names and state dicts do not change. The block's inputs
-    have fixed shapes per micro-batch; ``dynamic=None`` lets dynamo mark a dimension dynamic after it
-    has seen it change (speech lengths, text blocks), instead of recompiling for every length. The
-    parts with data-dependent shapes (gathering masked rows, building targets) run outside.
+    ``Module.compile`` compiles in place: names and state dicts do not change. The parts with
+    data-dependent shapes (gathering masked rows, building targets) run outside the blocks.
+
+    Shapes: ``dynamic=None``, dynamo's default, static until a dimension is seen to change. Where the
+    encoder says its blocks' shapes vary (``block_shapes_vary``: speech, text), a forward pre-hook
+    marks dims 0 and 1 (batch, length) of every tensor input dynamic before each call, so the first
+    trace is already the one graph (per mode: training, teacher no_grad) that serves every batch;
+    unmarked, dynamo traces a static graph, drops it at the second length and traces again.
+    ``dynamic=True`` would make D symbolic as well, and a length equal to D (or to ffn_dim) would
+    then be unified with it and specialised. The hook is a frame of its own that dynamo must not
+    trace (``torch.compiler.disable``, as FSDP2's hooks): it runs eagerly, before the compiled
+    ``forward`` frame. It is registered after the sharding, so it runs after FSDP2's pre-forward
+    hook, which replaces the student's inputs by autograd aliases (for its post-backward hook) that
+    would not carry marks set earlier.
+    Parameters that differ from block to block must not be Python numbers read in ``forward``
+    (a graph constant: one graph per block; see ``DropPath``).
     """
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+    mark_dynamic = torch.compiler.disable(_mark_batch_and_length_dynamic) if engine_cfg.compile else None
     for encoder, is_teacher in ((student.encoder, False), (teacher.encoder, True)):
         for i in range(len(encoder.blocks)):
             if engine_cfg.activation_checkpointing:
@@ -61,6 +75,16 @@ def prepare_blocks(student: Data2Vec, teacher: EMATeacher, engine_cfg: EngineCon
                 encoder.blocks[i].compile(fullgraph=engine_cfg.compile_fullgraph, dynamic=None)
             if shard is not None:
                 shard(encoder.blocks[i], is_teacher)
+            if engine_cfg.compile and encoder.block_shapes_vary:
+                encoder.blocks[i].register_forward_pre_hook(mark_dynamic, with_kwargs=True)
+
+
+def _mark_batch_and_length_dynamic(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of a compiled block whose [B, T] vary (see :func:`prepare_blocks`)."""
+    for t in (*args, *kwargs.values()):
+        if isinstance(t, torch.Tensor) and t.ndim >= 2:
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+            torch._dynamo.maybe_mark_dynamic(t, 1)
 
 
 class Engine(ABC):

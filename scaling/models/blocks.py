@@ -110,17 +110,34 @@ class PostLNBlock(nn.Module):
 
 class DropPath(nn.Module):
     """Stochastic depth per sample (timm ``drop_path``): zero a sample's branch with probability p,
-    scale the kept ones by 1/(1-p). Identity in eval mode or when p == 0."""
+    scale the kept ones by 1/(1-p). Identity in eval mode or when p == 0. ``p`` is fixed at
+    construction.
+
+    Under ``torch.compile`` (``engine.compile``, one compiled graph shared by every block) a Python
+    float read in ``forward`` is a constant of the graph, guarded by value: the BEiT drop-path rates
+    rising linearly over 12 blocks would trace 12 graphs per mode and hit dynamo's recompile limit
+    (with fullgraph, an error). The compiled path therefore reads the keep probability from a
+    non-persistent buffer (a graph input: not in the state dict, moved by ``.to``, copied by the
+    engines with the other buffers; a module cast to bf16, as DeepSpeed's bf16 student, rounds it to
+    bf16) and branches on the bool ``active`` only. The eager path is the float one, unchanged; the
+    two draw different random numbers anyway (inductor has its own RNG).
+    """
 
     def __init__(self, p: float = 0.0):
         super().__init__()
         self.p = float(p)
+        self.active = self.p > 0.0
+        self.register_buffer("keep_prob", torch.tensor(1.0 - self.p), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.p == 0.0 or not self.training:
+        if not self.training or not self.active:  # training first: the teacher (eval) guards on it alone
             return x
-        keep = 1.0 - self.p
         shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        if torch.compiler.is_compiling():
+            keep_t = self.keep_prob.to(x.dtype)
+            mask = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(keep_t.expand(shape))
+            return x * mask / keep_t
+        keep = 1.0 - self.p
         mask = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(keep)
         return x * mask / keep
 

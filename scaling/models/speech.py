@@ -188,6 +188,10 @@ class SpeechEncoder(nn.Module):
     training only. LayerDrop draws from the encoder's own ``random.Random`` (seeded by
     ``set_layerdrop_seed``) so that every rank skips the same blocks under FSDP/DDP."""
 
+    # The blocks' [B, T] change from batch to batch (clip lengths; B under length bucketing): a
+    # compiled block traces them dynamic from the first call (scaling.engines.base.prepare_blocks).
+    block_shapes_vary = True
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.layer_norm = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)

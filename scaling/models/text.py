@@ -80,6 +80,10 @@ class TextEncoder(nn.Module):
     """EMA-updated part (docs/data2vec.md §2.2 text row, ``ema_transformer_layers_only``): the post-LN
     blocks only, with a key padding mask."""
 
+    # T is the longest block of a micro-batch (documents end in shorter blocks): a compiled block
+    # traces [B, T] dynamic from the first call (scaling.engines.base.prepare_blocks).
+    block_shapes_vary = True
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.blocks = nn.ModuleList(

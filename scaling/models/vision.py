@@ -108,6 +108,9 @@ class VisionEncoder(nn.Module):
     drop path rising linearly from 0 to ``model.vision.drop_path``. The CLS position is dropped from
     ``x_BTD`` and from the taps, so positions align with ``mask_BT`` (docs/data2vec.md §1.2, §3.3)."""
 
+    # One image size and micro-batch size per recipe: compiled blocks keep static shapes.
+    block_shapes_vary = False
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         vc = cfg.vision
