@@ -230,10 +230,11 @@ class Trainer:
         host = torch.cat([engine.all_reduce_sum(torch.cat(summed)), scalars[:, 1:].flatten()]).cpu()
         losses, counts, data, measured, rest = host.split([S, 3 * S, data_stats.numel(), measured.numel(), 2 * S])
         counts, rest = counts.view(S, 3).tolist(), rest.view(S, 2).tolist()
-        D = (measured.numel() - 2 - engine.world_size) // 3
-        target_stats, pred_stats, local_stats, ranks, peaks = measured.split([D, D, D, 2, engine.world_size])
+        n = (measured.numel() - 2 - engine.world_size) // 3  # one variance_stats vector: 1 + 2 * model dim
+        target_stats, pred_stats, local_stats, ranks, peaks = measured.split([n, n, n, 2, engine.world_size])
         out = []
-        for i, (loss_sum, (samples, tokens, flops), (num_masked, grad_norm)) in enumerate(zip(losses.tolist(), counts, rest)):
+        for i, (loss_sum, (samples, tokens, flops), (num_masked, grad_norm)) in enumerate(
+                zip(losses.tolist(), counts, rest)):
             if num_masked == 0:
                 raise RuntimeError(f"step {self.step - S + i + 1}: no masked position in the global batch; "
                                    "check the masking section")

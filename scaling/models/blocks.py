@@ -52,7 +52,8 @@ class Attention(nn.Module):
 
     def _mask(self, q: Tensor, attn_bias: Optional[Tensor], key_padding_mask: Optional[Tensor]):
         # A 4-D mask: SDPA's fused CPU kernel takes [B or 1, H, T, T]; a 3-D [H, T, T] one sends it to the
-        # generic math path (measured 4.7x slower for ViT relative-position bias, same result).
+        # generic math path (ViT relative-position bias, 8 x 6 heads x 197 x 64 on a 2-core CPU: forward
+        # 4.2 ms against 13.2 ms under no_grad, 5.7 against 12.4 with grad; same result).
         bias = None
         if attn_bias is not None:
             bias = attn_bias.to(q.dtype)
