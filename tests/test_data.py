@@ -46,7 +46,7 @@ def assert_batches_equal(a, b):
 
 
 def one_epoch_items(L):
-    """Per-sample rows of one epoch (micro_batch_size must be 1)."""
+    """The batches of one epoch (per-sample rows when micro_batch_size is 1)."""
     rows = []
     while True:
         b = next(L)

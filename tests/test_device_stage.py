@@ -18,7 +18,7 @@ from scaling.data.device import speech_span_masks, text_span_masks, to_device
 from scaling.data.loader import _TAG_SYNTH
 from scaling.data.quality import STAT_NAMES
 from scaling.masking import sample_rng, speech_span_mask, text_span_mask
-from test_data import make_cfgs
+from test_data import make_cfgs, one_epoch_items
 
 SEED = 5
 
@@ -36,15 +36,6 @@ def make(c, *, mb, rank=0, world_size=1, **kw):
 
 def by_sample(batches, keys):
     return {int(sid): {k: b[k][i] for k in keys} for b in batches for i, sid in enumerate(b["sample_id_B"])}
-
-
-def one_epoch(L):
-    out = []
-    while True:
-        b = next(L)
-        if L.epoch != 0:
-            return out
-        out.append(b)
 
 
 # ----------------------------------------------------------------------------- the image stage
@@ -100,15 +91,15 @@ def test_flips_and_crops_are_per_sample_under_any_split():
     ranks x 2 workers x batches of 2."""
     c = cfgs("vision")
     keys = ("image_uint8_BCHW", "hflip_B")
-    ref = by_sample(one_epoch(make(c, mb=2, device="cuda", synthetic_epoch_size=16)), keys)
+    ref = by_sample(one_epoch_items(make(c, mb=2, device="cuda", synthetic_epoch_size=16)), keys)
     assert len(ref) == 16 and 0 < sum(int(v["hflip_B"]) for v in ref.values()) < 16
-    big = by_sample(one_epoch(make(c, mb=8, device="cuda", synthetic_epoch_size=16)), keys)
+    big = by_sample(one_epoch_items(make(c, mb=8, device="cuda", synthetic_epoch_size=16)), keys)
     c[0].num_workers = 2
     split = {}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*pin_memory.*")  # no accelerator here: pinning is skipped
         for rank in (0, 1):
-            split.update(by_sample(one_epoch(make(c, mb=2, rank=rank, world_size=2, device="cuda",
+            split.update(by_sample(one_epoch_items(make(c, mb=2, rank=rank, world_size=2, device="cuda",
                                                   synthetic_epoch_size=16)), keys))
     for other in (big, split):
         assert other.keys() == ref.keys()
