@@ -170,7 +170,7 @@ def our_step_fn(recipe) -> SimpleNamespace:
             for name, fn in functions.items():
                 setattr(trainer_module, name, fn)
 
-    return SimpleNamespace(step=step, state=state, instrument=instrument, device=engine.device)
+    return SimpleNamespace(step=step, state=state, instrument=instrument, device=engine.device, engine=engine)
 
 
 def prefetch(recipe, count: int) -> list[dict]:

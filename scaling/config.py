@@ -58,8 +58,30 @@ class TextModelConfig:
 
 
 @dataclass
+class Data2Vec2Config:
+    """data2vec 2.0 parts (model.version 2; docs/data2vec2.md): prenet, conv decoder, CLS loss."""
+    # Blocks before the main ones (fairseq prenet_depth): part of the student and teacher encoder, never
+    # tapped for targets. model.depth counts the main blocks only.
+    prenet_depth: int = 0
+    # Conv decoder (fairseq Decoder2d / Decoder1d): layers of conv(k, groups) -> channel LayerNorm (no
+    # affine) -> GELU, a residual between layers of equal width, then Linear(decoder_dim -> dim).
+    decoder_dim: int = 768
+    decoder_kernel: int = 3
+    decoder_layers: int = 6
+    decoder_groups: int = 16
+    decoder_residual: bool = True
+    mask_noise_std: float = 0.01  # the decoder's input at masked positions: N(0, std^2)
+    # Images: the student's CLS output regresses the mean of the teacher's targets over patches, each
+    # view weighing cls_loss x (its masked patches) masked positions (fairseq cls_loss 0.01).
+    cls_loss: float = 0.0
+
+
+@dataclass
 class ModelConfig:
     modality: Literal["speech", "vision", "text"] = "speech"
+    # 1: data2vec (mask embedding, full-length student, regression head); 2: data2vec 2.0 (the student
+    # encoder drops the masked positions, a conv decoder predicts them, M masked views per sample).
+    version: Literal[1, 2] = 1
     dim: int = 768
     depth: int = 12
     heads: int = 12
@@ -74,6 +96,7 @@ class ModelConfig:
     speech: SpeechModelConfig = field(default_factory=SpeechModelConfig)
     vision: VisionModelConfig = field(default_factory=VisionModelConfig)
     text: TextModelConfig = field(default_factory=TextModelConfig)
+    v2: Data2Vec2Config = field(default_factory=Data2Vec2Config)
     # Start the student (and its EMA teacher) from these weights instead of a random init: an HF
     # transformers Data2Vec directory (scaling-convert to-hf, or a released model) or a scaling checkpoint
     # (or checkpoint.dir). Ignored when the run resumes from its own checkpoint.
@@ -110,10 +133,23 @@ class TextMaskConfig:
 
 
 @dataclass
+class InverseBlockMaskConfig:
+    # data2vec 2.0 images (fairseq compute_block_mask_2d, inverse_mask): blocks of block x block patches
+    # are KEPT around int(L((1 - ratio) + adjust) / block^2) centres, then exactly int(L(1 - ratio)) kept.
+    ratio: float = 0.8
+    adjust: float = 0.07
+    block: int = 3
+
+
+@dataclass
 class MaskingConfig:
     speech: SpeechMaskConfig = field(default_factory=SpeechMaskConfig)
     vision: VisionMaskConfig = field(default_factory=VisionMaskConfig)
     text: TextMaskConfig = field(default_factory=TextMaskConfig)
+    vision_v2: InverseBlockMaskConfig = field(default_factory=InverseBlockMaskConfig)
+    # data2vec 2.0 multi-mask (fairseq clone_batch): M masked views of every sample, drawn on the data
+    # workers; the teacher runs once per sample. Batch sizes count unique samples. model.version 2 only.
+    clones: int = 1
 
 
 # ----------------------------------------------------------------------------- objective
@@ -448,6 +484,21 @@ def validate(r: Recipe, source: str, *, require_data: bool = True) -> None:
 
     if r.model.dim % r.model.heads:
         fail("model.heads", f"must divide model.dim ({r.model.dim})")
+    if r.model.version == 2 and r.model.modality != "vision":
+        fail("model.version", f"2 (data2vec 2.0) is implemented for vision only so far, not {r.model.modality}")
+    if r.masking.clones < 1:
+        fail("masking.clones", "must be at least 1")
+    if r.masking.clones > 1 and r.model.version != 2:
+        fail("masking.clones", "(multi-mask) needs model.version 2")
+    if r.model.version == 2:
+        v2 = r.model.v2
+        if v2.decoder_layers < 1 or v2.decoder_kernel % 2 == 0 or v2.decoder_dim % v2.decoder_groups:
+            fail("model.v2.decoder_kernel", "must be odd, decoder_layers >= 1 and decoder_groups must divide "
+                 "decoder_dim")
+        if not 0.0 < r.masking.vision_v2.ratio < 1.0:
+            fail("masking.vision_v2.ratio", "must be in (0, 1)")
+        if r.data.synthetic_on_device:
+            fail("data.synthetic_on_device", "is not implemented for model.version 2 (masks come from the workers)")
     if not 1 <= r.objective.top_k <= r.model.depth:
         fail("objective.top_k", f"must be in 1..model.depth ({r.model.depth})")
     t = r.train

@@ -39,7 +39,7 @@ None for devices not in it (CPU among them) and the trainer then logs no MFU.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -122,11 +122,30 @@ def forward_flops(cfg: ModelConfig, lengths: list[int], num_masked: int,
     return ForwardFlops(student, teacher_input, teacher)
 
 
+def forward_flops2(cfg: ModelConfig, samples: int, views: int, kept: int) -> ForwardFlops:
+    """data2vec 2.0 images: ``samples`` images of N patches, ``views`` masked views of each keeping ``kept``
+    patches. Student: one patch embedding per image, the blocks on K + 1 positions per view, the conv
+    decoder on every patch of every view; teacher: one pass of the N + 1 positions per image."""
+    vc, v2, d = cfg.vision, cfg.v2, cfg.dim
+    N = (vc.image_size // vc.patch_size) ** 2
+    blocks = replace(cfg, depth=cfg.depth + v2.prenet_depth)
+    patch = 2.0 * vc.channels * vc.patch_size ** 2 * d * N
+    widths = [d] + [v2.decoder_dim] * v2.decoder_layers
+    decoder = sum(2.0 * N * (c_in // v2.decoder_groups) * v2.decoder_kernel ** 2 * v2.decoder_dim
+                  for c_in in widths[:-1]) + 2.0 * N * v2.decoder_dim * d
+    R = samples * views
+    student = samples * patch + R * (_encoder_flops(blocks, kept + 1) + decoder)
+    return ForwardFlops(student, 0.0, samples * (patch + _encoder_flops(blocks, N + 1)))
+
+
 def batch_counts(cfg: ModelConfig, batch: dict[str, torch.Tensor]) -> tuple[int, int, float]:
     """(rows, real encoder positions, step FLOPs) of one collated micro-batch (CPU tensors, before
     the model: no device sync). Positions are speech frames of the real audio, vision patches and
     CLS, text non-pad tokens."""
     mask = batch["mask_BT"]
+    if "keep_index_RK" in batch:  # data2vec 2.0: rows are samples; the encoder positions are the kept ones (+ CLS)
+        samples, (R, K) = int(batch["sample_id_B"].shape[0]), batch["keep_index_RK"].shape
+        return samples, R * (K + 1), forward_flops2(cfg, samples, R // samples, K).step
     rows = int(mask.shape[0])
     num_masked = int(mask.sum())
     audio_lengths = None

@@ -21,7 +21,15 @@ import numpy as np
 
 from scaling.config import SpeechMaskConfig, TextMaskConfig, VisionMaskConfig
 
-__all__ = ["sample_rng", "speech_span_mask", "vision_block_mask", "text_span_mask"]
+__all__ = [
+    "sample_rng",
+    "speech_span_mask",
+    "vision_block_mask",
+    "text_span_mask",
+    "inverse_block_mask_2d",
+    "block_mask_1d",
+    "random_mask",
+]
 
 
 def sample_rng(*keys: int) -> np.random.Generator:
@@ -199,3 +207,185 @@ def text_span_mask(
             raise ValueError(f"need 0 <= num_special ({num_special}) < vocab_size ({vocab_size})")
         inputs[rand] = rng.integers(num_special, vocab_size, size=num_rand, dtype=np.int64)
     return mask, inputs
+
+
+# ============================================================================= data2vec 2.0
+# The v2 recipes make ``clone_batch`` masks per sample (the teacher runs once, the student once
+# per clone). Here one call makes all ``num_clones`` masks of ONE sample, drawn one clone after
+# the other from the sample's own ``rng`` (see :func:`sample_rng`), so a sample's masks do not
+# depend on the other samples of its batch. Upstream draws from torch's global generator.
+
+
+def _check_ratio(ratio: float) -> float:
+    r = float(ratio)
+    if not (0.0 <= r < 1.0):  # also rejects NaN
+        raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+    return r
+
+
+def _check_int_ge1(name: str, value: int) -> int:
+    v = int(value)
+    if v != value or v < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value}")
+    return v
+
+
+def _check_adjust(adjust: float) -> float:
+    a = float(adjust)
+    if not math.isfinite(a):
+        raise ValueError(f"adjust must be finite, got {adjust}")
+    return a
+
+
+def _fix_count(rng: np.random.Generator, row: np.ndarray, target: int) -> None:
+    """fairseq's ``require_same_masks`` step, in place: set ``row`` to exactly ``target`` True entries
+    by clearing ``n - target`` random True entries or setting ``target - n`` random False ones,
+    chosen uniformly without replacement (``torch.multinomial(m, k, replacement=False)`` over a
+    0/1 row)."""
+    n = int(row.sum())
+    if n > target:
+        row[rng.choice(np.flatnonzero(row), n - target, replace=False)] = False
+    elif n < target:
+        row[rng.choice(np.flatnonzero(~row), target - n, replace=False)] = True
+
+
+def inverse_block_mask_2d(
+    rng: np.random.Generator,
+    grid_hw: tuple[int, int],
+    *,
+    ratio: float,
+    adjust: float,
+    block: int,
+    num_clones: int,
+) -> np.ndarray:
+    """data2vec 2.0 image masks of one sample: bool ``[num_clones, H*W]``, row-major, True = masked.
+
+    fairseq ``compute_block_mask_2d`` (fairseq/data/data_utils.py) as called by
+    examples/data2vec/data/mae_image_dataset.py and examples/data2vec/models/modalities/images.py
+    with ``inverse_mask=True, require_same_masks=True, mask_dropout=0`` (``expand_adjcent`` and
+    ``non_overlapping`` off, their defaults). Per clone:
+
+    1. The blocks mark the patches to KEEP: ``keep = 1 - ratio``; draw
+       ``int(L * ((keep + adjust) / block**2))`` centres uniformly WITH replacement from
+       ``range(L)``, ``L = H*W`` (``torch.randint``; a repeated centre adds nothing).
+    2. Each centre ``(r, c)`` marks rows ``r + k`` and columns ``c + k`` for
+       ``k in range(block) - block // 2`` (``-1..1`` for block 3; ``-2..1`` for block 4), clamped to
+       the grid, as upstream's ``clamp_(0, d - 1)`` (clamping an out-of-grid offset lands on a patch
+       the square already covers, so this equals clipping the square).
+    3. ``require_same_masks``: remove (or add) kept patches chosen uniformly at random until exactly
+       ``int(L * keep)`` are kept, then invert: ``mask = not kept``.
+
+    So every clone masks exactly ``L - int(L * (1 - ratio))`` patches: 157 of 196 for ViT-B at
+    ratio 0.8, adjust 0.07, block 3 (39 kept, from 5 centres covering at most 45).
+
+    Differences from upstream: upstream derives a square side ``d = int(L**0.5)`` from ``L``; here
+    the grid is ``grid_hw`` and may be rectangular (identical for square grids). Upstream asserts
+    ``mask_length > 1``; ``block = 1`` is accepted here (uniform random kept set). A negative
+    ``adjust`` giving a negative centre count draws no centres.
+    """
+    ratio = _check_ratio(ratio)
+    adjust = _check_adjust(adjust)
+    block = _check_int_ge1("block", block)
+    num_clones = _check_int_ge1("num_clones", num_clones)
+    H, W = _check_int_ge1("grid_hw[0]", grid_hw[0]), _check_int_ge1("grid_hw[1]", grid_hw[1])
+    L = H * W
+
+    keep_prob = 1.0 - ratio  # upstream: mask_prob = 1 - mask_prob under inverse_mask
+    num_centres = max(0, int(L * ((keep_prob + adjust) / block**2)))
+    target_keep = int(L * keep_prob)
+    offsets = np.arange(block) - block // 2
+
+    masks = np.empty((num_clones, L), dtype=bool)
+    for i in range(num_clones):
+        kept = np.zeros((H, W), dtype=bool)
+        centres = rng.integers(0, L, size=num_centres)
+        rows, cols = np.divmod(centres, W)
+        rr = np.clip(rows[:, None, None] + offsets[None, :, None], 0, H - 1)
+        cc = np.clip(cols[:, None, None] + offsets[None, None, :], 0, W - 1)
+        kept[rr, cc] = True
+        kept = kept.reshape(-1)
+        _fix_count(rng, kept, target_keep)
+        masks[i] = ~kept
+    return masks
+
+
+def block_mask_1d(
+    rng: np.random.Generator,
+    num_frames: int,
+    *,
+    ratio: float,
+    adjust: float,
+    span: int,
+    num_clones: int,
+) -> np.ndarray:
+    """data2vec 2.0 speech masks of one sample: bool ``[num_clones, T]``, True = masked.
+
+    fairseq ``compute_block_mask_1d`` (fairseq/data/data_utils.py) as called by
+    fairseq/data/audio/raw_audio_dataset.py (and examples/data2vec/data/mae_image_dataset.py for
+    ``mask_length == 1``) with ``inverse_mask=False, require_same_masks=True, mask_dropout=0``
+    (``expand_adjcent``, ``non_overlapping`` off). Per clone: draw ``int(T * ((ratio + adjust) /
+    span))`` centres uniformly WITH replacement from ``range(T)``; each masks frames ``c + k`` for
+    ``k in range(span) - span // 2``, clamped to ``[0, T-1]``; then unmask (or mask) frames chosen
+    uniformly at random until exactly ``int(T * ratio)`` are masked.
+
+    ``num_frames`` is the sample's real frame count (after the feature extractor, padding
+    excluded, as upstream computes it per sample); the caller pads with False.
+    """
+    ratio = _check_ratio(ratio)
+    adjust = _check_adjust(adjust)
+    span = _check_int_ge1("span", span)
+    num_clones = _check_int_ge1("num_clones", num_clones)
+    T = int(num_frames)
+    if T != num_frames or T < 0:
+        raise ValueError(f"num_frames must be a non-negative integer, got {num_frames}")
+    masks = np.zeros((num_clones, T), dtype=bool)
+    if T == 0:
+        return masks
+
+    num_centres = max(0, int(T * ((ratio + adjust) / span)))
+    target = int(T * ratio)
+    offsets = np.arange(span) - span // 2
+    for i in range(num_clones):
+        row = masks[i]
+        centres = rng.integers(0, T, size=num_centres)
+        idx = np.clip(centres[:, None] + offsets[None, :], 0, T - 1)
+        row[idx.reshape(-1)] = True
+        _fix_count(rng, row, target)
+    return masks
+
+
+def random_mask(
+    rng: np.random.Generator,
+    maskable: np.ndarray,
+    *,
+    ratio: float,
+    num_clones: int,
+) -> np.ndarray:
+    """data2vec 2.0 text masks of one sample: bool ``[num_clones, T]``, True = masked.
+
+    MAE-style ``random_masking`` (examples/data2vec/models/modalities/base.py), used by the v2
+    modality encoders when ``mask_length == 1`` (the text recipe): per clone a uniformly random
+    subset of positions, of a fixed size, is masked, drawn without replacement (upstream: argsort
+    of uniform noise).
+
+    Here only the ``n = maskable.sum()`` maskable positions are candidates (``maskable`` is False at
+    BOS/EOS/padding) and exactly ``int(n * ratio)`` of them are masked per clone; non-maskable
+    positions are never masked. Upstream instead draws over all ``L`` positions of the padded row
+    and masks ``L - int(L * (1 - ratio))`` of them (it keeps ``int(L * (1 - ratio))``); the two counts
+    differ by one when ``L * ratio`` is not an integer (e.g. L=512, ratio 0.48: upstream 246, here 245).
+    """
+    ratio = _check_ratio(ratio)
+    num_clones = _check_int_ge1("num_clones", num_clones)
+    maskable = np.asarray(maskable)
+    if maskable.ndim != 1:
+        raise ValueError(f"maskable must be 1-D, got shape {maskable.shape}")
+    maskable = maskable.astype(bool)
+    T = maskable.shape[0]
+    candidates = np.flatnonzero(maskable)
+    n = candidates.shape[0]
+    k = int(n * ratio)
+    masks = np.zeros((num_clones, T), dtype=bool)
+    for i in range(num_clones):
+        if k > 0:
+            masks[i, rng.choice(candidates, k, replace=False)] = True
+    return masks

@@ -124,6 +124,7 @@ def _probe_recipe(recipe: Recipe, shards: str) -> Recipe:
     r.data.train_shards = shards
     r.data.shuffle_buffer = 0
     r.data.vision.augment = False
+    r.masking.clones = 1  # features of the unmasked input: the masks are not used, one view per row suffices
     return r
 
 
@@ -132,7 +133,7 @@ def _pooled_sums(model: Data2Vec, batch: dict[str, torch.Tensor], block: Optiona
                  tap: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: the chosen layer summed over the non-padded positions ``[B, D]``, and their count ``[B]``."""
     fo = model.frontend(batch)
-    depth = len(model.encoder.blocks)
+    depth = len(model.encoder.blocks) - getattr(model.encoder, "prenet_depth", 0)  # layers count main blocks
     num_taps = 0 if block is None else depth - block
     eo = model.encoder(fo.teacher_x, padding_mask_BT=fo.padding_mask_BT, mask_BT=None, num_taps=num_taps, tap=tap)
     h = eo.x_BTD if block is None else eo.taps[0]

@@ -99,8 +99,25 @@ def host_stage(batch: dict, device: torch.device) -> dict:
     return {**batch, "mask_index_N": index_N.pin_memory() if pin else index_N}
 
 
-def _masked_rows(x_BTD: torch.Tensor, mask_index_N: torch.Tensor) -> torch.Tensor:
-    return x_BTD.flatten(0, 1).index_select(0, mask_index_N)
+def target_rows(targets_BTD: torch.Tensor, mask_index_N: torch.Tensor, views: int) -> torch.Tensor:
+    """The targets at the masked positions: ``mask_index_N`` indexes the flat [R, T] mask of the R = B x
+    ``views`` student rows (views of a sample consecutive); the teacher ran once per sample, so row r reads
+    sample r // views. Index arithmetic on the device: no repeated [R, T, D] targets, no host sync."""
+    if views > 1:
+        T = targets_BTD.shape[1]
+        mask_index_N = torch.div(mask_index_N, T * views, rounding_mode="floor") * T + mask_index_N % T
+    return targets_BTD.flatten(0, 1).index_select(0, mask_index_N)
+
+
+def cls_loss_sum(cls_pred_RD: torch.Tensor, targets_BTD: torch.Tensor, num_masked: int, obj: ObjectiveConfig,
+                 weight: float) -> torch.Tensor:
+    """data2vec 2.0 images: each view's CLS output regresses the mean of its sample's targets over the
+    patches (fairseq ``cls_loss``). fairseq multiplies the summed CLS loss by the batch's masked count,
+    so its weight grows with the per-GPU batch; here each view's CLS loss counts as ``weight`` x that
+    view's masked positions (``num_masked / R``), which is the same for any batch split (docs/data2vec2.md)."""
+    R = cls_pred_RD.shape[0]
+    cls_target_RD = targets_BTD.mean(dim=1).repeat_interleave(R // targets_BTD.shape[0], dim=0)
+    return regression_loss(cls_pred_RD, cls_target_RD, obj) * (weight * num_masked / R)
 
 
 def _valid_rows(x_BTD: torch.Tensor | None, padding_mask_BT: torch.Tensor | None, like_ND: torch.Tensor):
@@ -184,8 +201,13 @@ class Trainer:
                     out = engine.model(batch)
                     taps = engine.teacher(out.teacher_x, padding_mask_BT=out.padding_mask_BT,
                                           num_taps=obj.top_k, tap=obj.tap).taps
-                target_ND = _masked_rows(make_targets(taps, obj, out.padding_mask_BT), batch["mask_index_N"])
+                targets_BTD = make_targets(taps, obj, out.padding_mask_BT)
+                views = out.mask_BT.shape[0] // targets_BTD.shape[0]  # data2vec 2.0 multi-mask: M per sample
+                target_ND = target_rows(targets_BTD, batch["mask_index_N"], views)
                 loss_sum = regression_loss(out.pred_ND, target_ND, obj)
+                if out.cls_pred_BD is not None and self.model_cfg.v2.cls_loss > 0:
+                    loss_sum = loss_sum + cls_loss_sum(out.cls_pred_BD, targets_BTD, batch["mask_index_N"].numel(),
+                                                       obj, self.model_cfg.v2.cls_loss)
                 engine.backward(loss_sum * loss_weight)
             loss_total += loss_sum.detach()
             if measure:

@@ -21,12 +21,13 @@ def free_port() -> int:
 
 
 def run_recipe(modality: str, overrides: list[str], stop_at_step: int | None = None) -> dict:
-    """One rank's run of recipes/<modality>/tiny.yaml; returns what the tests compare."""
+    """One rank's run of recipes/<modality>/tiny.yaml (``modality`` may name another recipe of the
+    modality: ``vision/v2-tiny``); returns what the tests compare."""
     from scaling.config import load_recipe
     from scaling.pretrain import run
 
-    result = run(load_recipe(REPO / "recipes" / modality / "tiny.yaml", overrides), stop_at_step=stop_at_step,
-                 gather_state=True)
+    path = REPO / "recipes" / (f"{modality}.yaml" if "/" in modality else f"{modality}/tiny.yaml")
+    result = run(load_recipe(path, overrides), stop_at_step=stop_at_step, gather_state=True)
     return {"losses": [h.loss for h in result.history], "num_masked": [h.num_masked for h in result.history],
             "state": result.full_state, "memory": result.memory, "step": result.step}
 

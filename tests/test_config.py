@@ -43,10 +43,13 @@ def test_size_recipes_have_no_silent_data_default(recipe):
 
 
 def test_size_recipes_follow_the_published_shapes():
-    shapes = {"base": (12, 768, 3072, 12), "large": (24, 1024, 4096, 16)}
+    # Blocks in all (data2vec 2.0: prenet + main), dim, FFN, heads; ViT-H for the 2.0 image recipes.
+    shapes = {"base": (12, 768, 3072, 12), "large": (24, 1024, 4096, 16), "huge": (32, 1280, 5120, 16)}
     for recipe in SIZE_RECIPES:
         m = load_recipe(REPO / recipe, ["data.train_shards=synthetic"]).model
-        assert (m.depth, m.dim, m.ffn_dim, m.heads) == shapes[Path(recipe).stem], recipe
+        blocks = m.depth + (m.v2.prenet_depth if m.version == 2 else 0)
+        size = Path(recipe).stem.removeprefix("v2-")
+        assert (blocks, m.dim, m.ffn_dim, m.heads) == shapes[size], recipe
 
 
 def test_extends_merges_and_set_overrides(recipe_path):

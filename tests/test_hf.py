@@ -339,12 +339,13 @@ def default_ids_tokenizer(tmp_path) -> str:
      r"model.layer_norm_eps 1e-06 is not 1e-05: HF's conv-encoder and positional-conv LayerNorms always use 1e-5"),
     ("speech", [], "sp", r"tokenizer= is for text models, this one is speech"),
     ("vision", ["model.head=linear"], None, r"model.head 'linear' has no final LayerNorm"),
+    ("vision", ["model.version=2"], None, r"data2vec 2.0 images use post-LN blocks .* HF's Data2VecVisionLayer is pre-LN"),
     ("text", [], None, r"text tokenizer '' \(data.text.tokenizer\) not found: pass tokenizer="),
     ("text", [], "missing.model", r"text tokenizer '.*missing.model' .* not found: pass tokenizer="),
     ("text", ["model.text.vocab_size=50"], "sp", r"pieces, more than model.text.vocab_size 50"),
     ("text", ["model.text.mask_id=5"], "sp", r"mask_id 5 differ from tokenizer"),
     ("text", [], "plain", r"has special ids .* ours are"),
-], ids=["speech-eps", "speech-tokenizer", "vision-head", "text-no-tokenizer", "text-missing-tokenizer",
+], ids=["speech-eps", "speech-tokenizer", "vision-head", "vision-v2", "text-no-tokenizer", "text-missing-tokenizer",
         "text-vocab", "text-mask-id", "text-special-ids"])
 def test_export_refusals(modality, overrides, tokenizer, message, tmp_path, sp_model):
     recipe = load_recipe(RECIPES / modality / "tiny.yaml", overrides)

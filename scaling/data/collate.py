@@ -31,7 +31,7 @@ import torch
 from scaling.config import DataConfig, MaskingConfig, ModelConfig
 from scaling.data.quality import BadSample
 from scaling.data.shards import quiet_tv_io
-from scaling.masking import sample_rng, speech_span_mask, text_span_mask, vision_block_mask
+from scaling.masking import inverse_block_mask_2d, sample_rng, speech_span_mask, text_span_mask, vision_block_mask
 
 __all__ = ["SampleProcessor", "BOS_ID", "EOS_ID", "UNK_ID", "RAW_IMAGE_KEYS"]
 
@@ -84,6 +84,17 @@ def _check_meta(meta: dict, field: str, actual: int) -> None:
         ok = False
     if not ok:
         raise BadSample("metadata_mismatch", f"json {field} {want!r} != {actual} decoded")
+
+
+def kept_positions(mask_RT: torch.Tensor) -> torch.Tensor:
+    """``[R, K]`` int64: the unmasked positions of each row, ascending. Every row must keep the same number
+    K (data2vec 2.0's masks keep an exact count), so that the student encoder's input is rectangular."""
+    kept = (~mask_RT).sum(1)
+    if kept.numel() and bool((kept != kept[0]).any()):
+        raise ValueError(f"data2vec 2.0 views must keep equal numbers of positions, got {sorted(set(kept.tolist()))}")
+    K = int(kept[0]) if kept.numel() else 0
+    # A stable sort puts the kept (False) positions first, in their original order.
+    return torch.sort(mask_RT.to(torch.uint8), dim=1, stable=True).indices[:, :K].contiguous()
 
 
 class SampleProcessor:
@@ -252,14 +263,22 @@ class SampleProcessor:
                 torch.default_generator.manual_seed(torch_seed)
                 image = self._geometric(image)  # uint8 in, uint8 out
                 flip = self._flip_p > 0 and bool(torch.rand(1) < self._flip_p)
-        mask = vision_block_mask(rng, self._grid, self.masking_cfg.vision)
+        extra = {}
+        if self.model_cfg.version == 2:  # M views of the sample, each keeping the same number of patches
+            m2 = self.masking_cfg.vision_v2
+            mask = inverse_block_mask_2d(rng, self._grid, ratio=m2.ratio, adjust=m2.adjust, block=m2.block,
+                                         num_clones=self.masking_cfg.clones)
+            # Keys of the decoder's noise at the masked positions: per view, from the sample's own stream.
+            extra["noise_seed"] = rng.integers(0, 2**31, size=self.masking_cfg.clones, dtype=np.int64)
+        else:
+            mask = vision_block_mask(rng, self._grid, self.masking_cfg.vision)
         if self.device_stage:
             return [{"image_uint8": image.contiguous(), "hflip": flip, "mask": mask, "label": label,
-                     "id": int(sample_id)}]
+                     "id": int(sample_id), **extra}]
         if flip:
             image = image.flip(-1)  # what v2.RandomHorizontalFlip does to an image tensor
         pixels = self._to_float(image).contiguous()
-        return [{"image": pixels, "mask": mask, "label": label, "id": int(sample_id)}]
+        return [{"image": pixels, "mask": mask, "label": label, "id": int(sample_id), **extra}]
 
     # ------------------------------------------------------------------ text
     def _decode_ids(self, raw: dict) -> np.ndarray:
@@ -323,7 +342,12 @@ class SampleProcessor:
                 batch["pixel_std_BC"] = self._std_C.repeat(B, 1)
             else:
                 batch["image_BCHW"] = torch.stack([it["image"] for it in items])
-            batch["mask_BT"] = torch.stack([torch.from_numpy(it["mask"]) for it in items])
+            mask = torch.stack([torch.from_numpy(it["mask"]) for it in items])
+            if mask.ndim == 3:  # data2vec 2.0: [B, M, T] -> M consecutive rows per sample, and the kept patches
+                mask = mask.flatten(0, 1)
+                batch["keep_index_RK"] = kept_positions(mask)
+                batch["noise_seed_R"] = torch.from_numpy(np.concatenate([it["noise_seed"] for it in items]))
+            batch["mask_BT"] = mask
         else:
             T = max(it["tokens"].shape[0] for it in items)
             pad_id = self.model_cfg.text.pad_id

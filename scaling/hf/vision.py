@@ -45,6 +45,11 @@ NAMES = NameMap([
 # ----------------------------------------------------------------------------- export
 def export_problems(recipe: Recipe, tokenizer: Optional[str]) -> list[str]:
     m, d = recipe.model, recipe.data.vision
+    if m.version == 2:  # nothing else to check: the layer itself does not map
+        return ["data2vec 2.0 images use post-LN blocks (LayerNorm after each residual add, fairseq AltBlock) "
+                "with fixed sin-cos positions; HF's Data2VecVisionLayer is pre-LN (BEiT), so the encoder would "
+                "compute something else (docs/data2vec2.md); export the checkpoint with scaling-convert "
+                "consolidate instead"]
     problems = []
     if m.head != "norm_linear":
         problems.append(f"model.head {m.head!r} has no final LayerNorm: HF's layernorm is the norm of norm_linear")

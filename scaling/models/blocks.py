@@ -15,6 +15,7 @@ the block output (docs/data2vec.md §1.2).
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -211,3 +212,24 @@ def collect_taps(num_taps: int, depth: int) -> int:
     if not 0 <= num_taps <= depth:
         raise ValueError(f"num_taps must be in 0..{depth}, got {num_taps}")
     return depth - num_taps
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """An integer hash of 32-bit values held in int64 (no product leaves int64's range)."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & 0xFFFFFFFF
+    x = ((x >> 16) ^ x) * 0x45D9F3B & 0xFFFFFFFF
+    return (x >> 16) ^ x
+
+
+def keyed_normal(seed_R: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """Standard normal noise ``[R, *shape]`` that depends only on each row's ``seed_R`` (int64, drawn per
+    sample on the data workers) and the element's position: a row gets the same numbers whichever
+    micro-batch, rank or batch split it lands in, unlike draws from a generator's running stream. A
+    counter-based hash on the device (no generator state, no host sync) and Box-Muller."""
+    n = math.prod(shape)
+    idx = torch.arange(n, device=seed_R.device, dtype=torch.int64)[None, :] * 2
+    row = _mix32(seed_R.to(torch.int64)[:, None] & 0xFFFFFFFF)
+    u1 = (_mix32(row ^ (idx & 0xFFFFFFFF)).to(torch.float64) + 0.5) / 2.0**32
+    u2 = (_mix32(row ^ ((idx + 1) & 0xFFFFFFFF)).to(torch.float64) + 0.5) / 2.0**32
+    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
+    return z.to(dtype).view(seed_R.shape[0], *shape)

@@ -15,47 +15,12 @@ Head parameter names: ``head.proj`` (linear: speech ``final_proj``; norm_linear:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
-
 import torch.nn.functional as F
-import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from scaling.config import ModelConfig
-
-
-@dataclass
-class FrontendOutput:
-    student_x: Tensor  # input to the student's encoder (speech/text [B,T,D], mask applied; vision: pixels)
-    teacher_x: Tensor  # input to the teacher's encoder: unmasked sample, student weights, no_grad, detached
-    padding_mask_BT: Optional[Tensor]  # bool, True = padding, at encoder positions; None for vision
-    mask_BT: Tensor  # bool [B,T], True = masked, at encoder positions
-    # local encoder output, for a variance monitor (docs/data2vec.md §1.3)
-    local_features_BTD: Optional[Tensor]
-
-
-@dataclass
-class EncoderOutput:
-    x_BTD: Tensor  # final output at encoder positions (vision: CLS dropped)
-    taps: list[Tensor]  # taps [B,T,D] of the last num_taps blocks, in layer order (vision: CLS dropped)
-
-
-@dataclass
-class StudentOutput:
-    pred_ND: Tensor  # head output at masked positions, in row-major order of mask_BT.nonzero()
-    mask_BT: Tensor
-    padding_mask_BT: Optional[Tensor]
-    teacher_x: Tensor
-    local_features_BTD: Optional[Tensor]
-
-
-# FSDP2 finds a module's output tensors with pytree's tree_flatten, to hook the re-gather of its
-# parameters before their backward. A plain dataclass is one opaque leaf: a root resharded after
-# forward then ran backward on freed storage ("setStorage ... storage of size 0"; seen with
-# torch 2.11 on CUDA). Registered, every tensor field is visible (tests/test_models.py).
-for _cls in (FrontendOutput, EncoderOutput, StudentOutput):
-    pytree.register_dataclass(_cls)
+from scaling.models.data2vec2 import Data2Vec2, build_model2, masked_rows
+from scaling.models.outputs import EncoderOutput, FrontendOutput, StudentOutput
 
 
 class RegressionHead(nn.Module):
@@ -103,11 +68,8 @@ class Data2Vec(nn.Module):
         if mask.shape != eo.x_BTD.shape[:2]:
             raise ValueError(f"mask_BT {tuple(mask.shape)} does not match encoder positions "
                              f"{tuple(eo.x_BTD.shape[:2])}")
-        # Row-major order of mask_BT.nonzero() (docs/data2vec.md §1.1 item 4). The trainer passes those
-        # indices, computed on the host (``mask_index_N``): boolean indexing on a GPU makes the host wait
-        # for the count of rows.
-        index = batch.get("mask_index_N")
-        pred = self.head(eo.x_BTD[mask] if index is None else eo.x_BTD.flatten(0, 1).index_select(0, index))
+        # Row-major order of mask_BT.nonzero() (docs/data2vec.md §1.1 item 4).
+        pred = self.head(masked_rows(eo.x_BTD, mask, batch.get("mask_index_N")))
         return StudentOutput(
             pred_ND=pred,
             mask_BT=mask,
@@ -117,10 +79,13 @@ class Data2Vec(nn.Module):
         )
 
 
-def build_model(cfg: ModelConfig) -> Data2Vec:
-    """Build the student for ``cfg.modality`` (docs/data2vec.md §3.1-§3.4)."""
+def build_model(cfg: ModelConfig) -> Data2Vec | Data2Vec2:
+    """Build the student for ``cfg.modality`` and ``cfg.version`` (docs/data2vec.md §3.1-§3.4,
+    docs/data2vec2.md)."""
     if cfg.dim % cfg.heads:
         raise ValueError(f"model.heads ({cfg.heads}) must divide model.dim ({cfg.dim})")
+    if cfg.version == 2:
+        return build_model2(cfg)
     head = RegressionHead(cfg.head, cfg.dim, cfg.layer_norm_eps)
     if cfg.modality == "speech":
         from scaling.models.speech import SpeechEncoder, SpeechFrontend

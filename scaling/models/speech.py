@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from scaling.config import ModelConfig
 from scaling.models.blocks import PostLNBlock, check_tap, collect_taps, init_bert_params
-from scaling.models.data2vec import EncoderOutput, FrontendOutput
+from scaling.models.outputs import EncoderOutput, FrontendOutput
 
 
 def conv_output_length(num_samples, conv_layers: Sequence[Sequence[int]]):

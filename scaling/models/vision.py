@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from scaling.config import ModelConfig
 from scaling.models.blocks import PreLNBlock, check_tap, collect_taps
-from scaling.models.data2vec import EncoderOutput, FrontendOutput
+from scaling.models.outputs import EncoderOutput, FrontendOutput
 
 
 def relative_position_index(h: int, w: int) -> Tensor:
