@@ -71,6 +71,11 @@ class Data2Vec2Config:
     decoder_groups: int = 16
     decoder_residual: bool = True
     mask_noise_std: float = 0.01  # the decoder's input at masked positions: N(0, std^2)
+    decoder_input_dropout: float = 0.0  # fairseq decoder input_dropout (text, speech: 0.1)
+    # After the conv layers: 1 -> Linear(decoder_dim, dim); 2 -> Linear(decoder_dim, ratio x decoder_dim),
+    # GELU, Linear(-> dim) (fairseq projection_layers / projection_ratio; text: 2 and 2).
+    decoder_projection_layers: Literal[1, 2] = 1
+    decoder_projection_ratio: float = 2.0
     # Images: the student's CLS output regresses the mean of the teacher's targets over patches, each
     # view weighing cls_loss x (its masked patches) masked positions (fairseq cls_loss 0.01).
     cls_loss: float = 0.0
@@ -147,6 +152,9 @@ class MaskingConfig:
     vision: VisionMaskConfig = field(default_factory=VisionMaskConfig)
     text: TextMaskConfig = field(default_factory=TextMaskConfig)
     vision_v2: InverseBlockMaskConfig = field(default_factory=InverseBlockMaskConfig)
+    # data2vec 2.0 text (fairseq random_masking, mask_length 1): int(n x ratio) of a block's n maskable
+    # tokens (BOS/EOS/padding excluded) per view, dropped from the student encoder.
+    text_v2_ratio: float = 0.48
     # data2vec 2.0 multi-mask (fairseq clone_batch): M masked views of every sample, drawn on the data
     # workers; the teacher runs once per sample. Batch sizes count unique samples. model.version 2 only.
     clones: int = 1
@@ -484,8 +492,8 @@ def validate(r: Recipe, source: str, *, require_data: bool = True) -> None:
 
     if r.model.dim % r.model.heads:
         fail("model.heads", f"must divide model.dim ({r.model.dim})")
-    if r.model.version == 2 and r.model.modality != "vision":
-        fail("model.version", f"2 (data2vec 2.0) is implemented for vision only so far, not {r.model.modality}")
+    if r.model.version == 2 and r.model.modality == "speech":
+        fail("model.version", "2 (data2vec 2.0) is implemented for vision and text so far, not speech")
     if r.masking.clones < 1:
         fail("masking.clones", "must be at least 1")
     if r.masking.clones > 1 and r.model.version != 2:
@@ -497,6 +505,8 @@ def validate(r: Recipe, source: str, *, require_data: bool = True) -> None:
                  "decoder_dim")
         if not 0.0 < r.masking.vision_v2.ratio < 1.0:
             fail("masking.vision_v2.ratio", "must be in (0, 1)")
+        if not 0.0 < r.masking.text_v2_ratio < 1.0:
+            fail("masking.text_v2_ratio", "must be in (0, 1)")
         if r.data.synthetic_on_device:
             fail("data.synthetic_on_device", "is not implemented for model.version 2 (masks come from the workers)")
     if not 1 <= r.objective.top_k <= r.model.depth:

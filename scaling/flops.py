@@ -122,20 +122,26 @@ def forward_flops(cfg: ModelConfig, lengths: list[int], num_masked: int,
     return ForwardFlops(student, teacher_input, teacher)
 
 
-def forward_flops2(cfg: ModelConfig, samples: int, views: int, kept: int) -> ForwardFlops:
-    """data2vec 2.0 images: ``samples`` images of N patches, ``views`` masked views of each keeping ``kept``
-    patches. Student: one patch embedding per image, the blocks on K + 1 positions per view, the conv
-    decoder on every patch of every view; teacher: one pass of the N + 1 positions per image."""
-    vc, v2, d = cfg.vision, cfg.v2, cfg.dim
-    N = (vc.image_size // vc.patch_size) ** 2
+def forward_flops2(cfg: ModelConfig, samples: int, views: int, kept: int, positions: int) -> ForwardFlops:
+    """data2vec 2.0: ``samples`` rows of ``positions`` encoder positions (image patches, tokens), ``views``
+    masked views of each keeping ``kept``. Student: the blocks on the kept positions (+ CLS for images) of
+    every view, the conv decoder on every position of every view, the patch embedding once per image;
+    teacher: one pass per sample."""
+    v2, d = cfg.v2, cfg.dim
+    N, extra, local = positions, 0, 0.0
+    kernel_area = v2.decoder_kernel
+    if cfg.modality == "vision":
+        vc = cfg.vision
+        extra, kernel_area = 1, v2.decoder_kernel ** 2  # CLS; a 2-D kernel
+        local = 2.0 * vc.channels * vc.patch_size ** 2 * d * N
     blocks = replace(cfg, depth=cfg.depth + v2.prenet_depth)
-    patch = 2.0 * vc.channels * vc.patch_size ** 2 * d * N
     widths = [d] + [v2.decoder_dim] * v2.decoder_layers
-    decoder = sum(2.0 * N * (c_in // v2.decoder_groups) * v2.decoder_kernel ** 2 * v2.decoder_dim
-                  for c_in in widths[:-1]) + 2.0 * N * v2.decoder_dim * d
+    decoder = sum(2.0 * N * (c_in // v2.decoder_groups) * kernel_area * v2.decoder_dim for c_in in widths[:-1])
+    hidden = v2.decoder_dim * (v2.decoder_projection_ratio if v2.decoder_projection_layers == 2 else 0)
+    decoder += 2.0 * N * (v2.decoder_dim * d if not hidden else v2.decoder_dim * hidden + hidden * d)
     R = samples * views
-    student = samples * patch + R * (_encoder_flops(blocks, kept + 1) + decoder)
-    return ForwardFlops(student, 0.0, samples * (patch + _encoder_flops(blocks, N + 1)))
+    student = samples * local + R * (_encoder_flops(blocks, kept + extra) + decoder)
+    return ForwardFlops(student, 0.0, samples * (local + _encoder_flops(blocks, N + extra)))
 
 
 def batch_counts(cfg: ModelConfig, batch: dict[str, torch.Tensor]) -> tuple[int, int, float]:
@@ -143,9 +149,12 @@ def batch_counts(cfg: ModelConfig, batch: dict[str, torch.Tensor]) -> tuple[int,
     the model: no device sync). Positions are speech frames of the real audio, vision patches and
     CLS, text non-pad tokens."""
     mask = batch["mask_BT"]
-    if "keep_index_RK" in batch:  # data2vec 2.0: rows are samples; the encoder positions are the kept ones (+ CLS)
+    if "keep_index_RK" in batch:  # data2vec 2.0: rows are samples; positions: the student encoder's kept ones
         samples, (R, K) = int(batch["sample_id_B"].shape[0]), batch["keep_index_RK"].shape
-        return samples, R * (K + 1), forward_flops2(cfg, samples, R // samples, K).step
+        pad = batch.get("keep_padding_RK")
+        kept = R * K if pad is None else int((~pad).sum())
+        extra = R if cfg.modality == "vision" else 0  # CLS
+        return samples, kept + extra, forward_flops2(cfg, samples, R // samples, K, int(mask.shape[1])).step
     rows = int(mask.shape[0])
     num_masked = int(mask.sum())
     audio_lengths = None

@@ -1,4 +1,4 @@
-"""data2vec 2.0 images: multi-mask with one teacher pass, a student encoder on the visible patches only,
+"""data2vec 2.0 (images; text where noted): multi-mask with one teacher pass, a student encoder on the visible patches only,
 the 2-D conv decoder, the loss against a straightforward computation, and sharded runs against the
 single-process run."""
 
@@ -12,13 +12,12 @@ import torch.nn.functional as F
 
 from dist_harness import REPO, assert_same_run, run_single, spawn
 
-V2_TINY = REPO / "recipes/vision/v2-tiny.yaml"
 
 
-def _recipe(*overrides):
+def _recipe(*overrides, modality="vision"):
     from scaling.config import load_recipe
 
-    return load_recipe(V2_TINY, ["train.precision=fp32", *overrides])
+    return load_recipe(REPO / f"recipes/{modality}/v2-tiny.yaml", ["train.precision=fp32", *overrides])
 
 
 def _batch(recipe, samples: int, seed: int = 0):
@@ -44,23 +43,48 @@ def test_masks_are_drawn_per_view_on_the_workers_with_equal_kept_counts():
     assert all(not torch.equal(views[i, 0], views[i, 1]) for i in range(6))  # the views of a sample differ
 
 
-def test_student_encoder_sees_only_the_visible_patches_and_the_decoder_every_patch():
+def test_text_masks_drop_a_fixed_share_of_each_blocks_tokens():
+    r = _recipe(modality="text")
+    batch = _batch(r, 6)
+    M, (B, T) = r.masking.clones, batch["tokens_BT"].shape
+    mask, pad = batch["mask_BT"].view(B, M, T), batch["padding_mask_BT"]
+    special = (batch["tokens_BT"] == 0) | (batch["tokens_BT"] == 2) | pad  # BOS, EOS, padding: never masked
+    for i in range(B):
+        n = int((~special[i]).sum())
+        assert (mask[i].sum(1) == int(n * r.masking.text_v2_ratio)).all()
+        assert not (mask[i] & special[i]).any()
+    index, keep_pad = batch["keep_index_RK"], batch["keep_padding_RK"]
+    for row in range(B * M):  # the kept index lists the real, unmasked tokens, then pad slots
+        kept = (~batch["mask_BT"][row] & ~pad[row // M]).nonzero().squeeze(1)
+        assert torch.equal(index[row][~keep_pad[row]], kept) and int((~keep_pad[row]).sum()) == kept.numel()
+
+
+@pytest.mark.parametrize("modality", ["vision", "text"])
+def test_student_encoder_sees_only_the_visible_positions_and_the_decoder_every_one(modality):
     from scaling.models import build_model
 
-    r = _recipe()
+    r = _recipe(modality=modality)
     model = build_model(r.model)
     batch = _batch(r, 3)
     lengths = []
     hook = model.encoder.blocks[0].register_forward_hook(lambda m, args, out: lengths.append(out[0].shape))
+    decoded = []
+    dhook = model.decoder.register_forward_hook(lambda m, args, out: decoded.append(out.shape))
     out = model(batch)
     hook.remove()
+    dhook.remove()
     R, K = batch["keep_index_RK"].shape
-    assert lengths == [torch.Size([R, K + 1, r.model.dim])]  # visible patches + CLS, for all R views
+    cls = 1 if modality == "vision" else 0
+    assert lengths == [torch.Size([R, K + cls, r.model.dim])]  # visible positions (+ CLS), for all R views
+    if modality == "text":  # K is the longest row's visible count; shorter rows have pad slots
+        assert K == int((~batch["mask_BT"] & ~batch["padding_mask_BT"].repeat_interleave(r.masking.clones, 0)).sum(1).max())
+    assert decoded == [torch.Size([R, batch["mask_BT"].shape[1], r.model.dim])]
     assert out.pred_ND.shape == (int(batch["mask_BT"].sum()), r.model.dim)
-    assert out.cls_pred_BD.shape == (R, r.model.dim)
+    assert (out.cls_pred_BD is not None) == (modality == "vision")
 
 
-def test_teacher_runs_once_per_step_whatever_the_number_of_views(tmp_path):
+@pytest.mark.parametrize("modality", ["vision", "text"])
+def test_teacher_runs_once_per_step_whatever_the_number_of_views(tmp_path, modality):
     from scaling.pretrain import run
     from scaling.teacher import EMATeacher
 
@@ -76,7 +100,7 @@ def test_teacher_runs_once_per_step_whatever_the_number_of_views(tmp_path):
         try:
             run(_recipe(f"masking.clones={clones}", "train.max_steps=2", "train.global_batch_size=8",
                         "train.micro_batch_size=8", "tracking.enabled=false", "checkpoint.resume=never",
-                        f"checkpoint.dir={tmp_path}/c{clones}"))
+                        f"checkpoint.dir={tmp_path}/c{clones}", modality=modality))
         finally:
             EMATeacher.forward = original
         assert calls == [8, 8], (clones, calls)  # one pass of the 8 unique images per step
@@ -147,7 +171,7 @@ def test_v2_is_refused_where_it_is_not_built():
     from scaling.config import RecipeError, load_recipe
 
     with pytest.raises(RecipeError, match="model.version"):
-        load_recipe(REPO / "recipes/speech/tiny.yaml", ["model.version=2"])
+        load_recipe(REPO / "recipes/speech/tiny.yaml", ["model.version=2"])  # speech 2.0 is not built
     with pytest.raises(RecipeError, match="masking.clones"):
         load_recipe(REPO / "recipes/vision/tiny.yaml", ["masking.clones=4"])
 
@@ -158,14 +182,18 @@ def _overrides(tmp, name, extra):
             "checkpoint.every_steps=100", "checkpoint.resume=never", f"checkpoint.dir={tmp}/{name}", *extra]
 
 
-@pytest.mark.parametrize("engine", [["engine.name=fsdp"], ["engine.name=ddp"]] + [
-    ["engine.name=deepspeed", f"engine.zero_stage={stage}"] for stage in (1, 2, 3)],
-    ids=["fsdp", "ddp", "zero1", "zero2", "zero3"])
-def test_sharded_v2_matches_single_process(tmp_path, engine):
+ENGINE_SETS = {"fsdp": ["engine.name=fsdp"], "ddp": ["engine.name=ddp"],
+               **{f"zero{z}": ["engine.name=deepspeed", f"engine.zero_stage={z}"] for z in (1, 2, 3)}}
+
+
+@pytest.mark.parametrize("modality, engine", [("vision", e) for e in ENGINE_SETS] + [("text", "fsdp"),
+                                                                                      ("text", "zero3")])
+def test_sharded_v2_matches_single_process(tmp_path, modality, engine):
     from dist_harness import run_recipe
 
-    ref = run_single("vision/v2-tiny", _overrides(tmp_path, "single", ["train.precision=fp32"]))
-    ranks = spawn(run_recipe, "vision/v2-tiny", _overrides(tmp_path, "sharded", [*engine, "train.precision=fp32"]))
+    name = f"{modality}/v2-tiny"
+    ref = run_single(name, _overrides(tmp_path, "single", ["train.precision=fp32"]))
+    ranks = spawn(run_recipe, name, _overrides(tmp_path, "sharded", [*ENGINE_SETS[engine], "train.precision=fp32"]))
     assert_same_run(ref, ranks)
 
 
@@ -186,3 +214,26 @@ def test_a_sharded_v2_checkpoint_consolidates_to_the_single_process_weights(tmp_
     assert set(tensors) == set(ref["state"])
     for k, v in tensors.items():
         torch.testing.assert_close(v, ref["state"][k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_text_v2_encoder_maps_onto_hf_data2vec_text_exactly():
+    """The 2.0 text encoder is v1's post-LN stack under v1's names: the HF adapter drops the decoder and
+    Data2VecTextModel computes our encoder's output on the unmasked tokens."""
+    from transformers import AutoModel
+
+    from scaling.hf import text as adapter
+    from scaling.models import build_model
+
+    r = _recipe(modality="text")
+    model = build_model(r.model).eval()
+    hf = AutoModel.from_config(adapter.hf_config(r), **adapter.MODEL_KWARGS).eval()
+    hf.load_state_dict(adapter.to_hf(model.state_dict(), r), strict=True)
+    tokens = torch.randint(5, r.model.text.vocab_size, (2, 20))
+    tokens[:, 0], tokens[:, -1], tokens[1, 15:] = 0, 2, r.model.text.pad_id  # BOS, EOS; row 1 padded
+    tokens[1, 14] = 2
+    pad = tokens == r.model.text.pad_id
+    with torch.no_grad():
+        fo = model.frontend({"tokens_BT": tokens, "padding_mask_BT": pad, "mask_BT": pad})
+        ours = model.encoder(fo.teacher_x, padding_mask_BT=pad).x_BTD
+        theirs = hf(input_ids=tokens, attention_mask=(~pad).long()).last_hidden_state
+    torch.testing.assert_close(ours[~pad], theirs[~pad], rtol=1e-5, atol=1e-5)

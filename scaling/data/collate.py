@@ -31,7 +31,7 @@ import torch
 from scaling.config import DataConfig, MaskingConfig, ModelConfig
 from scaling.data.quality import BadSample
 from scaling.data.shards import quiet_tv_io
-from scaling.masking import inverse_block_mask_2d, sample_rng, speech_span_mask, text_span_mask, vision_block_mask
+from scaling.masking import inverse_block_mask_2d, random_mask, sample_rng, speech_span_mask, text_span_mask, vision_block_mask
 
 __all__ = ["SampleProcessor", "BOS_ID", "EOS_ID", "UNK_ID", "RAW_IMAGE_KEYS"]
 
@@ -86,15 +86,24 @@ def _check_meta(meta: dict, field: str, actual: int) -> None:
         raise BadSample("metadata_mismatch", f"json {field} {want!r} != {actual} decoded")
 
 
-def kept_positions(mask_RT: torch.Tensor) -> torch.Tensor:
-    """``[R, K]`` int64: the unmasked positions of each row, ascending. Every row must keep the same number
-    K (data2vec 2.0's masks keep an exact count), so that the student encoder's input is rectangular."""
-    kept = (~mask_RT).sum(1)
-    if kept.numel() and bool((kept != kept[0]).any()):
-        raise ValueError(f"data2vec 2.0 views must keep equal numbers of positions, got {sorted(set(kept.tolist()))}")
-    K = int(kept[0]) if kept.numel() else 0
+def kept_positions(mask_RT: torch.Tensor, padding_mask_RT: Optional[torch.Tensor] = None):
+    """``(keep_index_RK, keep_padding_RK)``: each row's positions that are neither masked nor padding,
+    ascending, in ``[R, K]`` int64 with K the largest count of any row. data2vec 2.0 image views keep an
+    exact count, so K is every row's and ``keep_padding_RK`` is None; rows of text blocks of different
+    lengths keep different counts, and ``keep_padding_RK`` (bool, True = pad slot) marks the slots past a
+    row's own count (their index is 0; the encoder and the decoder skip them)."""
+    drop_RT = mask_RT if padding_mask_RT is None else mask_RT | padding_mask_RT
+    kept_R = (~drop_RT).sum(1)
+    K = int(kept_R.max()) if kept_R.numel() else 0
     # A stable sort puts the kept (False) positions first, in their original order.
-    return torch.sort(mask_RT.to(torch.uint8), dim=1, stable=True).indices[:, :K].contiguous()
+    index_RK = torch.sort(drop_RT.to(torch.uint8), dim=1, stable=True).indices[:, :K]
+    if padding_mask_RT is None:
+        if kept_R.numel() and bool((kept_R != K).any()):
+            raise ValueError(f"data2vec 2.0 image views must keep equal numbers of patches, got "
+                             f"{sorted(set(kept_R.tolist()))}")
+        return index_RK.contiguous(), None
+    pad_RK = torch.arange(K)[None, :] >= kept_R[:, None]
+    return index_RK.masked_fill(pad_RK, 0).contiguous(), pad_RK
 
 
 class SampleProcessor:
@@ -311,8 +320,14 @@ class SampleProcessor:
                 vocab_size=tc.vocab_size,
                 num_special=tc.mask_id + 1,
             )
+            extra = {}
+            if self.model_cfg.version == 2:  # M views of the block, the masked tokens dropped from the student
+                mask = random_mask(rng, ~np.isin(tokens, specials), ratio=self.masking_cfg.text_v2_ratio,
+                                   num_clones=self.masking_cfg.clones)
+                extra["noise_seed"] = rng.integers(0, 2**31, size=self.masking_cfg.clones, dtype=np.int64)
             # Blocks of one document get distinct ids: (doc id << 16) | block.
-            items.append({"tokens": tokens, "input": inputs, "mask": mask, "label": label, "id": (int(sample_id) << 16) | b})
+            items.append({"tokens": tokens, "input": inputs, "mask": mask, "label": label,
+                          "id": (int(sample_id) << 16) | b, **extra})
         return items
 
     # ------------------------------------------------------------------ batches
@@ -345,7 +360,7 @@ class SampleProcessor:
             mask = torch.stack([torch.from_numpy(it["mask"]) for it in items])
             if mask.ndim == 3:  # data2vec 2.0: [B, M, T] -> M consecutive rows per sample, and the kept patches
                 mask = mask.flatten(0, 1)
-                batch["keep_index_RK"] = kept_positions(mask)
+                batch["keep_index_RK"] = kept_positions(mask)[0]
                 batch["noise_seed_R"] = torch.from_numpy(np.concatenate([it["noise_seed"] for it in items]))
             batch["mask_BT"] = mask
         else:
@@ -354,14 +369,20 @@ class SampleProcessor:
             tokens = torch.full((B, T), pad_id, dtype=torch.int64)
             inputs = torch.full((B, T), pad_id, dtype=torch.int64)
             padm = torch.ones(B, T, dtype=torch.bool)
-            mask = torch.zeros(B, T, dtype=torch.bool)
+            views = items[0]["mask"].shape[0] if items[0]["mask"].ndim == 2 else 0  # data2vec 2.0: M per block
+            mask = torch.zeros(B, max(views, 1), T, dtype=torch.bool)
             for i, it in enumerate(items):
                 n = it["tokens"].shape[0]
                 tokens[i, :n] = torch.from_numpy(it["tokens"])
                 inputs[i, :n] = torch.from_numpy(it["input"])
                 padm[i, :n] = False
-                mask[i, :n] = torch.from_numpy(it["mask"])
+                mask[i, :, :n] = torch.from_numpy(it["mask"])
+            mask = mask.flatten(0, 1)
             batch.update(tokens_BT=tokens, input_tokens_BT=inputs, padding_mask_BT=padm, mask_BT=mask)
+            if views:
+                batch["keep_index_RK"], batch["keep_padding_RK"] = kept_positions(
+                    mask, padm.repeat_interleave(views, dim=0))
+                batch["noise_seed_R"] = torch.from_numpy(np.concatenate([it["noise_seed"] for it in items]))
         if any(it["label"] is not None for it in items):
             batch["label_B"] = torch.tensor([-1 if it["label"] is None else it["label"] for it in items], dtype=torch.int64)
         batch["sample_id_B"] = torch.tensor([it["id"] for it in items], dtype=torch.int64)

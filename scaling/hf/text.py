@@ -39,6 +39,7 @@ NAMES = NameMap([
     ("encoder.blocks.{i}.fc2.", "encoder.layer.{i}.output.dense."),
     ("encoder.blocks.{i}.norm2.", "encoder.layer.{i}.output.LayerNorm."),
     ("head.", None),  # fairseq regression_head: the pretraining regression head
+    ("decoder.", None),  # data2vec 2.0's conv decoder: pretraining only, as the head
 ])
 
 

@@ -14,6 +14,7 @@ view's masked positions to its sample's target rows (``scaling.trainer``), so ta
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from scaling.config import ModelConfig
@@ -27,6 +28,14 @@ def masked_rows(x_BTD, mask_BT, index_N=None):
     if index_N is None:
         return x_BTD[mask_BT]
     return x_BTD.flatten(0, 1).index_select(0, index_N)
+
+
+def gather_kept(x_BTD, keep_index_RK):
+    """Each sample's rows repeated for its R / B views (views of a sample consecutive), then each view's
+    kept positions: ``[R, K, D]``. The embedding ran once per sample."""
+    R, K = keep_index_RK.shape
+    x = x_BTD.repeat_interleave(R // x_BTD.shape[0], dim=0)
+    return torch.gather(x, 1, keep_index_RK[..., None].expand(R, K, x.shape[-1]))
 
 
 class Data2Vec2(nn.Module):
@@ -46,8 +55,14 @@ class Data2Vec2(nn.Module):
         if mask.shape[0] != keep.shape[0] or mask.shape[0] % fo.student_x.shape[0]:
             raise ValueError(f"{mask.shape[0]} mask rows, {keep.shape[0]} kept-index rows and "
                              f"{fo.student_x.shape[0]} samples: expected M views of every sample")
-        eo: EncoderOutput = self.encoder(fo.student_x, padding_mask_BT=fo.padding_mask_BT, keep_index_RK=keep)
-        pred_RTD = self.decoder(eo.x_BTD, keep, batch["noise_seed_R"])
+        keep_padding = batch.get("keep_padding_RK")  # rows that keep fewer positions than the longest (text)
+        kw = {} if keep_padding is None else {"keep_padding_RK": keep_padding}
+        eo: EncoderOutput = self.encoder(fo.student_x, padding_mask_BT=fo.padding_mask_BT, keep_index_RK=keep, **kw)
+        padding_RT = None
+        if fo.padding_mask_BT is not None:
+            padding_RT = fo.padding_mask_BT.repeat_interleave(mask.shape[0] // fo.padding_mask_BT.shape[0], dim=0)
+        pred_RTD = self.decoder(eo.x_BTD, keep, batch["noise_seed_R"], num_positions=mask.shape[1],
+                                padding_mask_RT=padding_RT, **kw)
         return StudentOutput(
             pred_ND=masked_rows(pred_RTD, mask, batch.get("mask_index_N")),
             mask_BT=mask,
@@ -59,9 +74,13 @@ class Data2Vec2(nn.Module):
 
 
 def build_model2(cfg: ModelConfig) -> Data2Vec2:
-    if cfg.modality != "vision":
-        raise ValueError(f"model.version 2 is implemented for vision only so far, not {cfg.modality}")
-    from scaling.models.vision import VisionFrontend
-    from scaling.models.vision2 import Decoder2d, VisionEncoder2
+    if cfg.modality == "vision":
+        from scaling.models.vision import VisionFrontend
+        from scaling.models.vision2 import Decoder2d, VisionEncoder2
 
-    return Data2Vec2(VisionFrontend(cfg), VisionEncoder2(cfg), Decoder2d(cfg), cfg.modality)
+        return Data2Vec2(VisionFrontend(cfg), VisionEncoder2(cfg), Decoder2d(cfg), cfg.modality)
+    if cfg.modality == "text":
+        from scaling.models.text2 import Decoder1d, TextEncoder2, TextFrontend2
+
+        return Data2Vec2(TextFrontend2(cfg), TextEncoder2(cfg), Decoder1d(cfg), cfg.modality)
+    raise ValueError(f"model.version 2 is implemented for vision and text so far, not {cfg.modality}")

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from scaling.config import ModelConfig
 from scaling.models.blocks import PostLNBlock, check_tap, collect_taps, init_bert_params, keyed_normal
+from scaling.models.data2vec2 import gather_kept
 from scaling.models.outputs import EncoderOutput
 
 
@@ -101,9 +102,7 @@ class VisionEncoder2(nn.Module):
         first = self.prenet_depth + collect_taps(num_taps, len(self.blocks) - self.prenet_depth)
         h = self.embed(x)
         if keep_index_RK is not None:
-            R, K = keep_index_RK.shape
-            h = h.repeat_interleave(R // h.shape[0], dim=0)
-            h = torch.gather(h, 1, keep_index_RK[..., None].expand(R, K, h.shape[-1]))
+            h = gather_kept(h, keep_index_RK)
         h = torch.cat([self.cls_token.expand(h.shape[0], -1, -1).to(h.dtype), h], dim=1)
         h = self.dropout(self.norm(h))
         taps: list[Tensor] = []
@@ -147,11 +146,13 @@ class Decoder2d(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, kept_RKD: Tensor, keep_index_RK: Tensor, noise_seed_R: Tensor) -> Tensor:
+    def forward(self, kept_RKD: Tensor, keep_index_RK: Tensor, noise_seed_R: Tensor, *, num_positions: int,
+                padding_mask_RT: Optional[Tensor] = None) -> Tensor:
         """``kept_RKD``: encoder outputs at the kept patches (CLS stripped); ``noise_seed_R``: each view's key
-        for its noise (:func:`keyed_normal`). Returns ``[R, N, D]``."""
+        for its noise (:func:`keyed_normal`). Returns ``[R, N, D]``. Images have no padding."""
         R, K, D = kept_RKD.shape
         N = self.grid[0] * self.grid[1]
+        assert num_positions == N and padding_mask_RT is None, "an image decoder takes whole, unpadded grids"
         x = keyed_normal(noise_seed_R, (N, D), kept_RKD.dtype) * self.noise_std
         x = x.scatter(1, keep_index_RK[..., None].expand(R, K, D), kept_RKD)
         x = x.transpose(1, 2).reshape(R, D, *self.grid)
