@@ -147,11 +147,21 @@ class InverseBlockMaskConfig:
 
 
 @dataclass
+class SpanMask2Config:
+    ratio: float = 0.5
+    adjust: float = 0.05
+    span: int = 5
+
+
+@dataclass
 class MaskingConfig:
     speech: SpeechMaskConfig = field(default_factory=SpeechMaskConfig)
     vision: VisionMaskConfig = field(default_factory=VisionMaskConfig)
     text: TextMaskConfig = field(default_factory=TextMaskConfig)
     vision_v2: InverseBlockMaskConfig = field(default_factory=InverseBlockMaskConfig)
+    # data2vec 2.0 speech (fairseq compute_block_mask_1d): spans of `span` frames around int(T (ratio +
+    # adjust) / span) centres, then exactly int(T x ratio) of a clip's T frames masked per view.
+    speech_v2: SpanMask2Config = field(default_factory=SpanMask2Config)
     # data2vec 2.0 text (fairseq random_masking, mask_length 1): int(n x ratio) of a block's n maskable
     # tokens (BOS/EOS/padding excluded) per view, dropped from the student encoder.
     text_v2_ratio: float = 0.48
@@ -492,8 +502,6 @@ def validate(r: Recipe, source: str, *, require_data: bool = True) -> None:
 
     if r.model.dim % r.model.heads:
         fail("model.heads", f"must divide model.dim ({r.model.dim})")
-    if r.model.version == 2 and r.model.modality == "speech":
-        fail("model.version", "2 (data2vec 2.0) is implemented for vision and text so far, not speech")
     if r.masking.clones < 1:
         fail("masking.clones", "must be at least 1")
     if r.masking.clones > 1 and r.model.version != 2:
@@ -505,6 +513,8 @@ def validate(r: Recipe, source: str, *, require_data: bool = True) -> None:
                  "decoder_dim")
         if not 0.0 < r.masking.vision_v2.ratio < 1.0:
             fail("masking.vision_v2.ratio", "must be in (0, 1)")
+        if not 0.0 < r.masking.speech_v2.ratio < 1.0 or r.masking.speech_v2.span < 1:
+            fail("masking.speech_v2.ratio", "must be in (0, 1) and masking.speech_v2.span at least 1")
         if not 0.0 < r.masking.text_v2_ratio < 1.0:
             fail("masking.text_v2_ratio", "must be in (0, 1)")
         if r.data.synthetic_on_device:

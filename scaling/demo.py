@@ -22,9 +22,9 @@ from pathlib import Path
 from scaling.tracking import read_run_json
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-DEFAULT_ENGINES = "speech=fsdp,vision=deepspeed,text=fsdp,vision-v2=fsdp"
+DEFAULT_ENGINES = "speech=fsdp,vision=deepspeed,text=fsdp,vision-v2=fsdp,speech-v2=deepspeed,text-v2=fsdp"
 # Runs that are not a modality's tiny v1 recipe: name -> (demo data set, recipe under recipes/).
-RUNS = {"vision-v2": ("vision", "vision/v2-tiny.yaml")}
+RUNS = {f"{m}-v2": (m, f"{m}/v2-tiny.yaml") for m in ("speech", "vision", "text")}
 
 
 def build_data(modality: str, out_dir: Path) -> tuple[list[str], dict]:
@@ -109,8 +109,9 @@ def summary(uri: str, run_id: str) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="scaling-demo", description=__doc__)
     p.add_argument("--workdir", default="demo")
-    p.add_argument("--modalities", default="speech,vision,text,vision-v2",
-                   help="runs, in order: speech, vision, text (data2vec v1 tiny recipes), vision-v2 (data2vec 2.0)")
+    p.add_argument("--modalities", default="speech,vision,text,vision-v2,speech-v2",
+                   help="runs, in order: speech, vision, text (data2vec v1 tiny recipes); vision-v2, speech-v2, "
+                        "text-v2 (data2vec 2.0 tiny recipes; text-v2 is not in the default: 3,000 steps)")
     p.add_argument("--engines", default=DEFAULT_ENGINES, help=f"modality=engine pairs (default {DEFAULT_ENGINES})")
     p.add_argument("--nproc", type=int, default=2, help="ranks per modality run")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, probes, exports = [], {}, {}
     for modality in args.modalities.split(","):
         t0 = time.perf_counter()
-        # "vision-v2": data2vec 2.0 on the vision data (recipes/vision/v2-tiny.yaml)
+        # "<modality>-v2": data2vec 2.0 on the modality's data (recipes/<modality>/v2-tiny.yaml)
         data_name, recipe = RUNS.get(modality, (modality, f"{modality}/tiny.yaml"))
         print(f"[demo] {modality}: building shards in {workdir / 'data' / data_name}", flush=True)
         overrides, info = build_data(data_name, workdir / "data" / data_name)

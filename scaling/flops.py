@@ -98,12 +98,9 @@ def forward_flops(cfg: ModelConfig, lengths: list[int], num_masked: int,
     student = teacher_input = teacher = 0.0
     if cfg.modality == "speech":
         assert audio_lengths is not None and len(audio_lengths) == len(lengths), "speech needs the audio lengths"
-        layers = cfg.speech.conv_layers
+        c_in = cfg.speech.conv_layers[-1][0]
         for n_samples, T in zip(audio_lengths, lengths):
-            c_in = 1
-            for (c_out, k, _), l_out in zip(layers, _conv_lengths(n_samples, layers)):
-                student += 2.0 * c_in * k * c_out * l_out
-                c_in = c_out
+            student += _cnn_flops(cfg, n_samples)
             student += 2.0 * T * c_in * cfg.dim + _pos_conv_flops(cfg, T) + _encoder_flops(cfg, T)
             teacher_input += _pos_conv_flops(cfg, T)
             teacher += _encoder_flops(cfg, T)
@@ -122,7 +119,17 @@ def forward_flops(cfg: ModelConfig, lengths: list[int], num_masked: int,
     return ForwardFlops(student, teacher_input, teacher)
 
 
-def forward_flops2(cfg: ModelConfig, samples: int, views: int, kept: int, positions: int) -> ForwardFlops:
+def _cnn_flops(cfg: ModelConfig, n_samples: int) -> float:
+    """The speech conv feature encoder on one clip of ``n_samples`` audio samples."""
+    layers, flops, c_in = cfg.speech.conv_layers, 0.0, 1
+    for (c_out, k, _), l_out in zip(layers, _conv_lengths(n_samples, layers)):
+        flops += 2.0 * c_in * k * c_out * l_out
+        c_in = c_out
+    return flops
+
+
+def forward_flops2(cfg: ModelConfig, samples: int, views: int, kept: int, positions: int,
+                   audio_lengths: list[int] | None = None) -> ForwardFlops:
     """data2vec 2.0: ``samples`` rows of ``positions`` encoder positions (image patches, tokens), ``views``
     masked views of each keeping ``kept``. Student: the blocks on the kept positions (+ CLS for images) of
     every view, the conv decoder on every position of every view, the patch embedding once per image;
@@ -134,14 +141,20 @@ def forward_flops2(cfg: ModelConfig, samples: int, views: int, kept: int, positi
         vc = cfg.vision
         extra, kernel_area = 1, v2.decoder_kernel ** 2  # CLS; a 2-D kernel
         local = 2.0 * vc.channels * vc.patch_size ** 2 * d * N
+    pos = 0.0
+    if cfg.modality == "speech":  # the CNN once per clip; the positional conv on every view and on the teacher's
+        assert audio_lengths is not None, "speech needs the audio lengths"
+        local = sum(_cnn_flops(cfg, n) + 2.0 * N * cfg.speech.conv_layers[-1][0] * d for n in audio_lengths) / samples
+        pos = _pos_conv_flops(cfg, N)
     blocks = replace(cfg, depth=cfg.depth + v2.prenet_depth)
     widths = [d] + [v2.decoder_dim] * v2.decoder_layers
     decoder = sum(2.0 * N * (c_in // v2.decoder_groups) * kernel_area * v2.decoder_dim for c_in in widths[:-1])
     hidden = v2.decoder_dim * (v2.decoder_projection_ratio if v2.decoder_projection_layers == 2 else 0)
     decoder += 2.0 * N * (v2.decoder_dim * d if not hidden else v2.decoder_dim * hidden + hidden * d)
     R = samples * views
-    student = samples * local + R * (_encoder_flops(blocks, kept + extra) + decoder)
-    return ForwardFlops(student, 0.0, samples * (local + _encoder_flops(blocks, N + extra)))
+    student = samples * local + R * (pos + _encoder_flops(blocks, kept + extra) + decoder)
+    teacher = samples * (pos + _encoder_flops(blocks, N + extra) + (local if cfg.modality == "vision" else 0.0))
+    return ForwardFlops(student, 0.0, teacher)
 
 
 def batch_counts(cfg: ModelConfig, batch: dict[str, torch.Tensor]) -> tuple[int, int, float]:
@@ -154,7 +167,11 @@ def batch_counts(cfg: ModelConfig, batch: dict[str, torch.Tensor]) -> tuple[int,
         pad = batch.get("keep_padding_RK")
         kept = R * K if pad is None else int((~pad).sum())
         extra = R if cfg.modality == "vision" else 0  # CLS
-        return samples, kept + extra, forward_flops2(cfg, samples, R // samples, K, int(mask.shape[1])).step
+        audio = None
+        if cfg.modality == "speech":
+            pad = batch.get("audio_padding_BT")
+            audio = [batch["audio_BT"].shape[-1]] * samples if pad is None else (~pad).sum(-1).tolist()
+        return samples, kept + extra, forward_flops2(cfg, samples, R // samples, K, int(mask.shape[1]), audio).step
     rows = int(mask.shape[0])
     num_masked = int(mask.sum())
     audio_lengths = None

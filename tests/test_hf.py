@@ -24,8 +24,9 @@ from scaling.models.speech import conv_output_length
 HF_CLASS = {"speech": "Data2VecAudioModel", "vision": "Data2VecVisionModel", "text": "Data2VecTextModel"}
 # ModelConfig fields that no HF config field holds (docs/hf-transformers.md): they come back as defaults.
 # init_from says where a run's weights come from, not what the model is.
-NOT_CARRIED = {"speech": {"init_from"}, "vision": {"activation_dropout", "init_from"},
-               "text": {"activation_dropout", "init_from"}}
+# An import gives a v1 model section (version, v2: the defaults): HF's classes hold an encoder, not a 2.0 student.
+NOT_CARRIED = {"speech": {"init_from", "version", "v2"}, "vision": {"activation_dropout", "init_from", "version", "v2"},
+               "text": {"activation_dropout", "init_from", "version", "v2"}}
 TOL = 1e-4
 MASK_ID = 4  # <mask> in SPECIAL_PIECES and model.text.mask_id of both text recipes
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -338,6 +339,7 @@ def default_ids_tokenizer(tmp_path) -> str:
     ("speech", ["model.layer_norm_eps=1e-6"], None,
      r"model.layer_norm_eps 1e-06 is not 1e-05: HF's conv-encoder and positional-conv LayerNorms always use 1e-5"),
     ("speech", [], "sp", r"tokenizer= is for text models, this one is speech"),
+    ("speech", ["model.version=2"], None, r"data2vec 2.0 speech attends with ALiBi biases"),
     ("vision", ["model.head=linear"], None, r"model.head 'linear' has no final LayerNorm"),
     ("vision", ["model.version=2"], None, r"data2vec 2.0 images use post-LN blocks .* HF's Data2VecVisionLayer is pre-LN"),
     ("text", [], None, r"text tokenizer '' \(data.text.tokenizer\) not found: pass tokenizer="),
@@ -345,7 +347,7 @@ def default_ids_tokenizer(tmp_path) -> str:
     ("text", ["model.text.vocab_size=50"], "sp", r"pieces, more than model.text.vocab_size 50"),
     ("text", ["model.text.mask_id=5"], "sp", r"mask_id 5 differ from tokenizer"),
     ("text", [], "plain", r"has special ids .* ours are"),
-], ids=["speech-eps", "speech-tokenizer", "vision-head", "vision-v2", "text-no-tokenizer", "text-missing-tokenizer",
+], ids=["speech-eps", "speech-tokenizer", "speech-v2", "vision-head", "vision-v2", "text-no-tokenizer", "text-missing-tokenizer",
         "text-vocab", "text-mask-id", "text-special-ids"])
 def test_export_refusals(modality, overrides, tokenizer, message, tmp_path, sp_model):
     recipe = load_recipe(RECIPES / modality / "tiny.yaml", overrides)

@@ -59,7 +59,24 @@ def test_text_masks_drop_a_fixed_share_of_each_blocks_tokens():
         assert torch.equal(index[row][~keep_pad[row]], kept) and int((~keep_pad[row]).sum()) == kept.numel()
 
 
-@pytest.mark.parametrize("modality", ["vision", "text"])
+def test_speech_masks_mask_a_fixed_share_of_each_clips_real_frames_in_spans():
+    from scaling.models.speech import conv_output_length
+
+    r = _recipe(modality="speech")
+    batch = _batch(r, 6)
+    M, B = r.masking.clones, batch["audio_BT"].shape[0]
+    frames = conv_output_length((~batch["audio_padding_BT"]).sum(1), r.model.speech.conv_layers)
+    mask = batch["mask_BT"].view(B, M, -1)
+    assert len(set(frames.tolist())) > 1  # clips of different lengths: padded frames exist
+    for i in range(B):
+        n = int(frames[i])
+        assert (mask[i].sum(1) == int(n * r.masking.speech_v2.ratio)).all()  # exactly int(T x R) per view
+        assert not mask[i, :, n:].any()  # never a padded frame
+        runs = (mask[i, :, 1:n] & ~mask[i, :, : n - 1]).sum() + mask[i, :, 0].sum()
+        assert mask[i].sum() / runs > 2.0  # spans, not single frames
+
+
+@pytest.mark.parametrize("modality", ["vision", "speech", "text"])
 def test_student_encoder_sees_only_the_visible_positions_and_the_decoder_every_one(modality):
     from scaling.models import build_model
 
@@ -76,14 +93,14 @@ def test_student_encoder_sees_only_the_visible_positions_and_the_decoder_every_o
     R, K = batch["keep_index_RK"].shape
     cls = 1 if modality == "vision" else 0
     assert lengths == [torch.Size([R, K + cls, r.model.dim])]  # visible positions (+ CLS), for all R views
-    if modality == "text":  # K is the longest row's visible count; shorter rows have pad slots
-        assert K == int((~batch["mask_BT"] & ~batch["padding_mask_BT"].repeat_interleave(r.masking.clones, 0)).sum(1).max())
+    if modality != "vision":  # K is the longest row's visible count; shorter rows have pad slots
+        assert K == int((~batch["keep_padding_RK"]).sum(1).max()) and batch["keep_padding_RK"].any()
     assert decoded == [torch.Size([R, batch["mask_BT"].shape[1], r.model.dim])]
     assert out.pred_ND.shape == (int(batch["mask_BT"].sum()), r.model.dim)
     assert (out.cls_pred_BD is not None) == (modality == "vision")
 
 
-@pytest.mark.parametrize("modality", ["vision", "text"])
+@pytest.mark.parametrize("modality", ["vision", "speech", "text"])
 def test_teacher_runs_once_per_step_whatever_the_number_of_views(tmp_path, modality):
     from scaling.pretrain import run
     from scaling.teacher import EMATeacher
@@ -167,12 +184,10 @@ def test_v2_recipes_load_for_every_size():
     assert 85e6 < encoder < 87e6, encoder  # ViT-B/16: 86M, as the published model
 
 
-def test_v2_is_refused_where_it_is_not_built():
+def test_multi_mask_needs_version_2():
     from scaling.config import RecipeError, load_recipe
 
-    with pytest.raises(RecipeError, match="model.version"):
-        load_recipe(REPO / "recipes/speech/tiny.yaml", ["model.version=2"])  # speech 2.0 is not built
-    with pytest.raises(RecipeError, match="masking.clones"):
+    with pytest.raises(RecipeError, match=r"'masking.clones' \(multi-mask\) needs model.version 2"):
         load_recipe(REPO / "recipes/vision/tiny.yaml", ["masking.clones=4"])
 
 
@@ -186,8 +201,8 @@ ENGINE_SETS = {"fsdp": ["engine.name=fsdp"], "ddp": ["engine.name=ddp"],
                **{f"zero{z}": ["engine.name=deepspeed", f"engine.zero_stage={z}"] for z in (1, 2, 3)}}
 
 
-@pytest.mark.parametrize("modality, engine", [("vision", e) for e in ENGINE_SETS] + [("text", "fsdp"),
-                                                                                      ("text", "zero3")])
+@pytest.mark.parametrize("modality, engine", [("vision", e) for e in ENGINE_SETS] + [
+    (m, e) for m in ("speech", "text") for e in ("fsdp", "zero3")])
 def test_sharded_v2_matches_single_process(tmp_path, modality, engine):
     from dist_harness import run_recipe
 

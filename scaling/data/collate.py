@@ -31,7 +31,8 @@ import torch
 from scaling.config import DataConfig, MaskingConfig, ModelConfig
 from scaling.data.quality import BadSample
 from scaling.data.shards import quiet_tv_io
-from scaling.masking import inverse_block_mask_2d, random_mask, sample_rng, speech_span_mask, text_span_mask, vision_block_mask
+from scaling.masking import (block_mask_1d, inverse_block_mask_2d, random_mask, sample_rng, speech_span_mask,
+                             text_span_mask, vision_block_mask)
 
 __all__ = ["SampleProcessor", "BOS_ID", "EOS_ID", "UNK_ID", "RAW_IMAGE_KEYS"]
 
@@ -104,6 +105,19 @@ def kept_positions(mask_RT: torch.Tensor, padding_mask_RT: Optional[torch.Tensor
         return index_RK.contiguous(), None
     pad_RK = torch.arange(K)[None, :] >= kept_R[:, None]
     return index_RK.masked_fill(pad_RK, 0).contiguous(), pad_RK
+
+
+def _views(items: list[dict]) -> int:
+    """M when the items carry data2vec 2.0 masks ([M, T] per item), else 0."""
+    return items[0]["mask"].shape[0] if items[0]["mask"].ndim == 2 else 0
+
+
+def _views_batch(items: list[dict], mask_RT: torch.Tensor, padding_BT: torch.Tensor, views: int) -> dict:
+    """The data2vec 2.0 keys of a batch of sequences: each view's kept positions (and pad slots) and the
+    keys of its decoder noise."""
+    keep, keep_pad = kept_positions(mask_RT, padding_BT.repeat_interleave(views, dim=0))
+    return {"keep_index_RK": keep, "keep_padding_RK": keep_pad,
+            "noise_seed_R": torch.from_numpy(np.concatenate([it["noise_seed"] for it in items]))}
 
 
 class SampleProcessor:
@@ -190,8 +204,15 @@ class SampleProcessor:
         frames = self._conv_out(n, self.model_cfg.speech.conv_layers)
         if frames <= 0:
             raise BadSample("too_short", f"{n} samples give no frame after the feature encoder")
-        mask = speech_span_mask(rng, frames, self.masking_cfg.speech)
-        return [{"audio": audio, "mask": mask, "label": label, "id": int(sample_id)}]
+        extra = {}
+        if self.model_cfg.version == 2:  # M views of the clip, exactly int(frames x ratio) masked in each
+            m2 = self.masking_cfg.speech_v2
+            mask = block_mask_1d(rng, frames, ratio=m2.ratio, adjust=m2.adjust, span=m2.span,
+                                 num_clones=self.masking_cfg.clones)
+            extra["noise_seed"] = rng.integers(0, 2**31, size=self.masking_cfg.clones, dtype=np.int64)
+        else:
+            mask = speech_span_mask(rng, frames, self.masking_cfg.speech)
+        return [{"audio": audio, "mask": mask, "label": label, "id": int(sample_id), **extra}]
 
     def item_size(self, raw: dict) -> int:
         """Samples of audio the sample's item will hold (after the crop to ``data.speech.max_samples``),
@@ -340,14 +361,20 @@ class SampleProcessor:
             F = self._conv_out(S, self.model_cfg.speech.conv_layers)
             audio = torch.zeros(B, S, dtype=torch.float32)
             pad = torch.ones(B, S, dtype=torch.bool)
-            mask = torch.zeros(B, F, dtype=torch.bool)
+            views = _views(items)
+            mask = torch.zeros(B, max(views, 1), F, dtype=torch.bool)
+            frame_pad = torch.ones(B, F, dtype=torch.bool)
             for i, it in enumerate(items):
                 n = lengths[i]
                 audio[i, :n] = torch.from_numpy(it["audio"])
                 pad[i, :n] = False
                 m = torch.from_numpy(it["mask"])
-                mask[i, : m.shape[0]] = m
+                mask[i, :, : m.shape[-1]] = m
+                frame_pad[i, : m.shape[-1]] = False
+            mask = mask.flatten(0, 1)
             batch.update(audio_BT=audio, audio_padding_BT=pad, mask_BT=mask)
+            if views:
+                batch.update(_views_batch(items, mask, frame_pad, views))
         elif self.modality == "vision":
             if "image_uint8" in items[0]:
                 batch["image_uint8_BCHW"] = torch.stack([it["image_uint8"] for it in items])
@@ -369,7 +396,7 @@ class SampleProcessor:
             tokens = torch.full((B, T), pad_id, dtype=torch.int64)
             inputs = torch.full((B, T), pad_id, dtype=torch.int64)
             padm = torch.ones(B, T, dtype=torch.bool)
-            views = items[0]["mask"].shape[0] if items[0]["mask"].ndim == 2 else 0  # data2vec 2.0: M per block
+            views = _views(items)
             mask = torch.zeros(B, max(views, 1), T, dtype=torch.bool)
             for i, it in enumerate(items):
                 n = it["tokens"].shape[0]
@@ -380,9 +407,7 @@ class SampleProcessor:
             mask = mask.flatten(0, 1)
             batch.update(tokens_BT=tokens, input_tokens_BT=inputs, padding_mask_BT=padm, mask_BT=mask)
             if views:
-                batch["keep_index_RK"], batch["keep_padding_RK"] = kept_positions(
-                    mask, padm.repeat_interleave(views, dim=0))
-                batch["noise_seed_R"] = torch.from_numpy(np.concatenate([it["noise_seed"] for it in items]))
+                batch.update(_views_batch(items, mask, padm, views))
         if any(it["label"] is not None for it in items):
             batch["label_B"] = torch.tensor([-1 if it["label"] is None else it["label"] for it in items], dtype=torch.int64)
         batch["sample_id_B"] = torch.tensor([it["id"] for it in items], dtype=torch.int64)

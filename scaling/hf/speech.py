@@ -40,6 +40,10 @@ NAMES = NameMap([
 # ----------------------------------------------------------------------------- export
 def export_problems(recipe: Recipe, tokenizer: Optional[str]) -> list[str]:
     m = recipe.model
+    if m.version == 2:
+        return ["data2vec 2.0 speech attends with ALiBi biases (a learned scale per head), which HF's "
+                "Data2VecAudio attention does not have, so the encoder would compute something else "
+                "(docs/data2vec2.md); export the checkpoint with scaling-convert consolidate instead"]
     problems = []
     if m.layer_norm_eps != HF_FIXED_EPS:
         problems.append(f"model.layer_norm_eps {m.layer_norm_eps} is not {HF_FIXED_EPS}: HF's conv-encoder and "

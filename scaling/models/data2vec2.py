@@ -76,11 +76,18 @@ class Data2Vec2(nn.Module):
 def build_model2(cfg: ModelConfig) -> Data2Vec2:
     if cfg.modality == "vision":
         from scaling.models.vision import VisionFrontend
-        from scaling.models.vision2 import Decoder2d, VisionEncoder2
+        from scaling.models.decoders import Decoder2d
+        from scaling.models.vision2 import VisionEncoder2
 
         return Data2Vec2(VisionFrontend(cfg), VisionEncoder2(cfg), Decoder2d(cfg), cfg.modality)
     if cfg.modality == "text":
-        from scaling.models.text2 import Decoder1d, TextEncoder2, TextFrontend2
+        from scaling.models.decoders import Decoder1d
+        from scaling.models.text2 import TextEncoder2, TextFrontend2
 
         return Data2Vec2(TextFrontend2(cfg), TextEncoder2(cfg), Decoder1d(cfg), cfg.modality)
-    raise ValueError(f"model.version 2 is implemented for vision and text so far, not {cfg.modality}")
+    if cfg.modality == "speech":
+        from scaling.models.decoders import Decoder1d
+        from scaling.models.speech2 import SpeechEncoder2, SpeechFrontend2
+
+        return Data2Vec2(SpeechFrontend2(cfg), SpeechEncoder2(cfg), Decoder1d(cfg), cfg.modality)
+    raise ValueError(f"unknown modality {cfg.modality!r}")

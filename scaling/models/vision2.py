@@ -15,11 +15,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scaling.config import ModelConfig
-from scaling.models.blocks import PostLNBlock, check_tap, collect_taps, init_bert_params, keyed_normal
+from scaling.models.blocks import PostLNBlock, check_tap, collect_taps, init_bert_params
 from scaling.models.data2vec2 import gather_kept
 from scaling.models.outputs import EncoderOutput
 
@@ -111,56 +110,3 @@ class VisionEncoder2(nn.Module):
             if i >= first:
                 taps.append(t[:, 1:])
         return EncoderOutput(x_BTD=h[:, 1:], taps=taps, cls_BD=h[:, 0])
-
-
-class DecoderBlock2d(nn.Module):
-    """Conv2d(in -> dim, k, padding k // 2, groups) -> LayerNorm over channels (no affine) -> GELU."""
-
-    def __init__(self, in_dim: int, dim: int, kernel: int, groups: int):
-        super().__init__()
-        self.conv = nn.Conv2d(in_dim, dim, kernel, padding=kernel // 2, groups=groups)
-
-    def forward(self, x_BCHW: Tensor) -> Tensor:
-        x = self.conv(x_BCHW).permute(0, 2, 3, 1)
-        return F.gelu(F.layer_norm(x, x.shape[-1:])).permute(0, 3, 1, 2)
-
-
-class Decoder2d(nn.Module):
-    """fairseq ``Decoder2d``: the encoder's kept outputs are put back on the patch grid, masked patches
-    filled with N(0, mask_noise_std^2) noise; ``decoder_layers`` conv blocks (a residual add wherever a
-    block keeps the width, ``decoder_residual``), then Linear(decoder_dim -> dim) predicts every patch."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        v2 = cfg.v2
-        self.grid = (cfg.vision.image_size // cfg.vision.patch_size,) * 2
-        self.noise_std = v2.mask_noise_std
-        self.residual = v2.decoder_residual
-        self.blocks = nn.ModuleList(
-            DecoderBlock2d(cfg.dim if i == 0 else v2.decoder_dim, v2.decoder_dim, v2.decoder_kernel, v2.decoder_groups)
-            for i in range(v2.decoder_layers)
-        )
-        self.proj = nn.Linear(v2.decoder_dim, cfg.dim)
-        for m in self.modules():  # fairseq data2vec2 _init_weights for the decoder: xavier-uniform Linear
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-
-    def forward(self, kept_RKD: Tensor, keep_index_RK: Tensor, noise_seed_R: Tensor, *, num_positions: int,
-                padding_mask_RT: Optional[Tensor] = None) -> Tensor:
-        """``kept_RKD``: encoder outputs at the kept patches (CLS stripped); ``noise_seed_R``: each view's key
-        for its noise (:func:`keyed_normal`). Returns ``[R, N, D]``. Images have no padding."""
-        R, K, D = kept_RKD.shape
-        N = self.grid[0] * self.grid[1]
-        assert num_positions == N and padding_mask_RT is None, "an image decoder takes whole, unpadded grids"
-        x = keyed_normal(noise_seed_R, (N, D), kept_RKD.dtype) * self.noise_std
-        x = x.scatter(1, keep_index_RK[..., None].expand(R, K, D), kept_RKD)
-        x = x.transpose(1, 2).reshape(R, D, *self.grid)
-        residual = x
-        for block in self.blocks:
-            x = block(x)
-            if self.residual and x.shape == residual.shape:
-                x = x + residual
-            residual = x
-        return self.proj(x.flatten(2).transpose(1, 2))
-
