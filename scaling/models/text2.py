@@ -17,13 +17,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from scaling.config import ModelConfig
-from scaling.models.blocks import PostLNBlock, check_tap, collect_taps, init_bert_params
 from scaling.models.data2vec2 import gather_kept
 from scaling.models.outputs import EncoderOutput, FrontendOutput
-from scaling.models.text import TextFrontend, make_positions
+from scaling.models.text import TextEncoder, TextFrontend, make_positions
 
 
 class TextFrontend2(TextFrontend):
@@ -41,32 +39,15 @@ class TextFrontend2(TextFrontend):
                               mask_BT=batch["mask_BT"].bool(), local_features_BTD=x.detach())
 
 
-class TextEncoder2(nn.Module):
-    """The EMA-updated part: post-LN blocks only (the main ones; text 2.0 has no prenet)."""
+class TextEncoder2(TextEncoder):
+    """The EMA-updated part: v1's post-LN blocks (text 2.0 has no prenet), run by the student on the kept
+    tokens of its views (``keep_padding_RK`` masks the pad slots) and by the teacher on every token."""
 
-    block_shapes_vary = True  # [R, K] follow the batch's longest block
     prenet_depth = 0
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.blocks = nn.ModuleList(
-            PostLNBlock(cfg.dim, cfg.heads, cfg.ffn_dim, dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
-                        activation_dropout=cfg.activation_dropout, eps=cfg.layer_norm_eps)
-            for _ in range(cfg.depth)
-        )
-        self.blocks.apply(init_bert_params)
 
     def forward(self, x: Tensor, *, padding_mask_BT: Optional[Tensor] = None, mask_BT: Optional[Tensor] = None,
                 num_taps: int = 0, tap: str = "ffn", keep_index_RK: Optional[Tensor] = None,
                 keep_padding_RK: Optional[Tensor] = None) -> EncoderOutput:
-        check_tap(tap)
-        first = collect_taps(num_taps, len(self.blocks))
-        key_padding = padding_mask_BT
         if keep_index_RK is not None:
-            x, key_padding = gather_kept(x, keep_index_RK), keep_padding_RK
-        taps: list[Tensor] = []
-        for i, block in enumerate(self.blocks):
-            x, t = block(x, key_padding_mask=key_padding, tap=tap)
-            if i >= first:
-                taps.append(t)
-        return EncoderOutput(x_BTD=x, taps=taps)
+            x, padding_mask_BT = gather_kept(x, keep_index_RK), keep_padding_RK
+        return super().forward(x, padding_mask_BT=padding_mask_BT, num_taps=num_taps, tap=tap)
