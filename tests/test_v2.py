@@ -170,6 +170,50 @@ def test_loss_equals_a_straightforward_computation():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("modality", ["speech", "text"])
+def test_sequence_loss_equals_a_straightforward_computation(modality):
+    """Speech and text, with padded clips / blocks: instance norm of each tap over the sample's real positions
+    only (biased variance, eps 1e-5), the average of the K taps, each view's masked positions against its
+    sample's targets, L2 summed over D times the recipe's scale (speech 1/sqrt(D), text 1)."""
+    from scaling.objective import make_targets, regression_loss
+    from scaling.models import build_model
+    from scaling.teacher import EMATeacher
+    from scaling.trainer import host_stage, target_rows
+
+    r = _recipe(modality=modality)
+    assert r.objective.layer_norm == "instance" and r.objective.post_norm == "none"
+    torch.manual_seed(0)
+    model = build_model(r.model)
+    teacher = EMATeacher(model.encoder)
+    for p in teacher.parameters():
+        p.data.add_(torch.randn_like(p) * 0.02)
+    batch = host_stage(_batch(r, 4), torch.device("cpu"))
+    out = model(batch)
+    pad = out.padding_mask_BT
+    assert pad is not None and pad.any()  # the case that matters: padded rows
+    taps = teacher(out.teacher_x, padding_mask_BT=pad, num_taps=r.objective.top_k, tap="ffn").taps
+
+    M, D = r.masking.clones, out.pred_ND.shape[-1]
+    scale = 1.0 / math.sqrt(D) if r.objective.loss_scale is None else r.objective.loss_scale
+    expected, start = 0.0, 0
+    for row in range(out.mask_BT.shape[0]):
+        i = row // M
+        real = (~pad[i]).nonzero().squeeze(1)
+        y = 0.0
+        for t in taps:
+            x = t[i, real].double()
+            y = y + (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + 1e-5)
+        y = y / len(taps)
+        masked = out.mask_BT[row].nonzero().squeeze(1)
+        assert bool((masked < real.numel()).all())  # never a padded position
+        pred = out.pred_ND[start:start + masked.numel()].double()
+        start += masked.numel()
+        expected = expected + ((pred - y[masked]) ** 2).sum() * scale
+    got = regression_loss(out.pred_ND, target_rows(make_targets(taps, r.objective, pad), batch["mask_index_N"], M),
+                          r.objective)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=0)
+
+
 def test_v2_recipes_load_for_every_size():
     from scaling.config import load_recipe
     from scaling.models import build_model
