@@ -93,8 +93,9 @@ def our_layers(model, batch: dict) -> tuple[list[torch.Tensor], torch.Tensor | N
     with torch.no_grad():
         fo = model.frontend({"mask_BT": torch.zeros(B, T, dtype=torch.bool), **batch})
         x = fo.student_x if masked else fo.teacher_x
+        token = {"mask_embedding_D": model.frontend.mask_token} if masked and model.modality == "vision" else {}
         eo = model.encoder(x, padding_mask_BT=fo.padding_mask_BT, mask_BT=fo.mask_BT if masked else None,
-                           num_taps=len(model.encoder.blocks), tap="block")
+                           num_taps=len(model.encoder.blocks), tap="block", **token)
         layers = list(eo.taps) + ([model.head.norm(eo.x_BTD)] if model.modality == "vision" else [])
     return layers, fo.padding_mask_BT
 

@@ -356,15 +356,22 @@ def test_speech_teacher_input_unmasked_and_student_masked():
     torch.testing.assert_close(fo.teacher_x[~p], fo.local_features_BTD[~p])
 
 
+def student_mask_embedding(model) -> dict:
+    """What Data2Vec.forward passes a v1 vision encoder besides the mask: the student's mask token."""
+    return {"mask_embedding_D": model.frontend.mask_token} if model.modality == "vision" else {}
+
+
 def test_vision_mask_token_replaces_masked_patches():
     torch.manual_seed(0)
     model = build_model(cfg_for("vision")).eval()
     enc = model.encoder
     batch = make_batch("vision")
     img, mask = batch["image_BCHW"], batch["mask_BT"]
-    emb = enc.embed(img, mask)
+    token = model.frontend.mask_token  # the student's, not a parameter of the EMA-updated encoder
+    assert not any(n.endswith("mask_token") for n, _ in enc.named_parameters())
+    emb = enc.embed(img, mask, token)
     assert emb.shape == (2, 10, 32)
-    torch.testing.assert_close(emb[:, 1:][mask], enc.mask_token[0].expand(int(mask.sum()), -1))
+    torch.testing.assert_close(emb[:, 1:][mask], token[0].expand(int(mask.sum()), -1))
     torch.testing.assert_close(emb[:, 0], enc.cls_token[0, 0].expand(2, -1))
     # changing the pixels of masked patches (row-major 4x4 patches of a 3x3 grid) changes nothing
     img2 = img.clone()
@@ -372,9 +379,9 @@ def test_vision_mask_token_replaces_masked_patches():
         for p in mask[b].nonzero().flatten().tolist():
             r, c = divmod(p, 3)
             img2[b, :, 4 * r:4 * r + 4, 4 * c:4 * c + 4] = torch.randn(3, 4, 4)
-    torch.testing.assert_close(enc.embed(img2, mask), emb)
-    o1 = enc(img, mask_BT=mask, num_taps=2, tap="block")
-    o2 = enc(img2, mask_BT=mask, num_taps=2, tap="block")
+    torch.testing.assert_close(enc.embed(img2, mask, token), emb)
+    o1 = enc(img, mask_BT=mask, num_taps=2, tap="block", mask_embedding_D=token)
+    o2 = enc(img2, mask_BT=mask, num_taps=2, tap="block", mask_embedding_D=token)
     assert o1.x_BTD.shape == (2, 9, 32)
     torch.testing.assert_close(o1.x_BTD, o2.x_BTD)
     # ...while the unmasked (teacher) view does see them
@@ -429,7 +436,8 @@ def test_forward_backward_all_params_get_grads(modality):
     with torch.no_grad():
         out = model(batch)
         fo = model.frontend(batch)
-        x = model.encoder(fo.student_x, padding_mask_BT=fo.padding_mask_BT, mask_BT=fo.mask_BT).x_BTD
+        x = model.encoder(fo.student_x, padding_mask_BT=fo.padding_mask_BT, mask_BT=fo.mask_BT,
+                          **student_mask_embedding(model)).x_BTD
         b, t = mask.nonzero(as_tuple=True)
         torch.testing.assert_close(out.pred_ND, model.head(x[b, t]))
 

@@ -25,7 +25,7 @@ REL_POS_TABLE = "encoder.rel_pos_bias.relative_position_bias_table"
 NAMES = NameMap([
     ("encoder.patch_embed.proj.", "embeddings.patch_embeddings.projection."),
     ("encoder.cls_token", "embeddings.cls_token"),
-    ("encoder.mask_token", "embeddings.mask_token"),
+    ("frontend.mask_token", "embeddings.mask_token"),
     (REL_POS_TABLE, "encoder.relative_position_bias.relative_position_bias_table"),
     ("encoder.blocks.{i}.norm1.", "encoder.layer.{i}.layernorm_before."),
     ("encoder.blocks.{i}.attn.q_proj.", "encoder.layer.{i}.attention.attention.query."),

@@ -61,9 +61,11 @@ class Data2Vec(nn.Module):
 
     def forward(self, batch: dict[str, Tensor]) -> StudentOutput:
         fo: FrontendOutput = self.frontend(batch)
-        eo: EncoderOutput = self.encoder(
-            fo.student_x, padding_mask_BT=fo.padding_mask_BT, mask_BT=fo.mask_BT, num_taps=0
-        )
+        # v1 vision: the encoder masks after its patch embedding, with the student's own mask token (speech
+        # and text frontends have masked their output already).
+        token = getattr(self.frontend, "mask_token", None)
+        eo: EncoderOutput = self.encoder(fo.student_x, padding_mask_BT=fo.padding_mask_BT, mask_BT=fo.mask_BT,
+                                         num_taps=0, **({} if token is None else {"mask_embedding_D": token}))
         mask = fo.mask_BT
         if mask.shape != eo.x_BTD.shape[:2]:
             raise ValueError(f"mask_BT {tuple(mask.shape)} does not match encoder positions "
@@ -106,7 +108,8 @@ def build_model(cfg: ModelConfig) -> Data2Vec | Data2Vec2:
     elif cfg.modality == "vision":
         from scaling.models.vision import VisionEncoder, VisionFrontend, beit_init_weights
 
-        frontend, encoder = VisionFrontend(cfg), VisionEncoder(cfg)
+        frontend = VisionFrontend(cfg, mask_token=True)
+        encoder = VisionEncoder(cfg, mask_token=frontend.mask_token)
         head.apply(beit_init_weights)  # [DV]: trunc-normal(0.02) lm_head, LN 1/0
     else:
         raise ValueError(f"unknown modality {cfg.modality!r}")

@@ -73,10 +73,17 @@ class PatchEmbed(nn.Module):
 
 
 class VisionFrontend(nn.Module):
-    """Nothing to learn and nothing shared: student and teacher both get the (same augmented) image."""
+    """Nothing shared: student and teacher both get the (same augmented) image. v1 (``mask_token``): the
+    student's learned mask embedding lives here, with the student only: the encoder substitutes it at the
+    masked patches (its masking point is after the patch embedding, which the teacher owns too), and the
+    teacher, an EMA copy of the encoder, never holds one."""
 
-    def __init__(self, cfg: Optional[ModelConfig] = None):
+    def __init__(self, cfg: Optional[ModelConfig] = None, *, mask_token: bool = False):
         super().__init__()
+        if mask_token:
+            assert cfg is not None, "a mask token needs the model's width"
+            # Initialised by VisionEncoder.reset_parameters, in BEiT's order (CLS, mask token, weights).
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
 
     def forward(self, batch: dict[str, Tensor]) -> FrontendOutput:
         image = batch["image_BCHW"].detach()
@@ -103,7 +110,8 @@ def beit_init_weights(m: nn.Module) -> None:
 class VisionEncoder(nn.Module):
     """BEiT v1 backbone without the final norm (that is in the head, ``norm_linear``).
 
-    mask_token replaces the masked patch embeddings when ``mask_BT`` is given (student only), CLS is
+    The student's mask token (``mask_embedding_D``) replaces the masked patch embeddings when ``mask_BT`` is
+    given (student only), CLS is
     prepended, no absolute positions, shared relative position bias, PreLNBlocks with layer scale and
     drop path rising linearly from 0 to ``model.vision.drop_path``. The CLS position is dropped from
     ``x_BTD`` and from the taps, so positions align with ``mask_BT`` (docs/data2vec.md §1.2, §3.3)."""
@@ -111,7 +119,7 @@ class VisionEncoder(nn.Module):
     # One image size and micro-batch size per recipe: compiled blocks keep static shapes.
     block_shapes_vary = False
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, mask_token: Optional[nn.Parameter] = None):
         super().__init__()
         vc = cfg.vision
         if vc.image_size % vc.patch_size:
@@ -120,7 +128,6 @@ class VisionEncoder(nn.Module):
         self.num_patches = self.grid[0] * self.grid[1]
         self.patch_embed = PatchEmbed(vc.channels, cfg.dim, vc.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.pos_drop = nn.Dropout(cfg.dropout)
         self.rel_pos_bias = RelativePositionBias(*self.grid, cfg.heads)
         dpr = torch.linspace(0, vc.drop_path, cfg.depth).tolist() if cfg.depth > 1 else [0.0] * cfg.depth
@@ -130,20 +137,25 @@ class VisionEncoder(nn.Module):
                        layer_scale_init=vc.layer_scale_init, eps=cfg.layer_norm_eps)
             for i in range(cfg.depth)
         )
-        self.reset_parameters()
+        self.reset_parameters(mask_token)
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, mask_token: Optional[nn.Parameter] = None) -> None:
+        """[DV] init. ``mask_token``: the student's (``VisionFrontend.mask_token``, not a parameter of this
+        module), drawn right after CLS as in BEiT, so the random stream is BEiT's whoever owns it."""
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        if mask_token is not None:
+            nn.init.trunc_normal_(mask_token, std=0.02)
         self.apply(beit_init_weights)
         # [DV] fix_init_weight: divide attn proj and fc2 weights of block l (1-based) by sqrt(2 l).
         for layer_id, block in enumerate(self.blocks, start=1):
             block.attn.out_proj.weight.div_(math.sqrt(2.0 * layer_id))
             block.fc2.weight.div_(math.sqrt(2.0 * layer_id))
 
-    def embed(self, x_BCHW: Tensor, mask_BT: Optional[Tensor] = None) -> Tensor:
-        """Patch embeddings with masked patches replaced by mask_token, CLS prepended: [B, N+1, D]."""
+    def embed(self, x_BCHW: Tensor, mask_BT: Optional[Tensor] = None,
+              mask_embedding_D: Optional[Tensor] = None) -> Tensor:
+        """Patch embeddings with the masked patches replaced by ``mask_embedding_D`` (the student's mask
+        token), CLS prepended: [B, N+1, D]."""
         if tuple(x_BCHW.shape[-2:]) != (self.grid[0] * self.patch_embed.proj.kernel_size[0],
                                         self.grid[1] * self.patch_embed.proj.kernel_size[1]):
             raise ValueError(f"image of size {tuple(x_BCHW.shape[-2:])} does not match the configured "
@@ -151,14 +163,15 @@ class VisionEncoder(nn.Module):
         x = self.patch_embed(x_BCHW)
         B = x.shape[0]
         if mask_BT is not None:
-            x = torch.where(mask_BT[..., None], self.mask_token.to(x.dtype), x)
+            assert mask_embedding_D is not None, "masked patches need the student's mask embedding"
+            x = torch.where(mask_BT[..., None], mask_embedding_D.to(x.dtype).reshape(-1), x)
         return torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1)
 
     def forward(self, x: Tensor, *, padding_mask_BT: Optional[Tensor] = None, mask_BT: Optional[Tensor] = None,
-                num_taps: int = 0, tap: str = "ffn") -> EncoderOutput:
+                num_taps: int = 0, tap: str = "ffn", mask_embedding_D: Optional[Tensor] = None) -> EncoderOutput:
         check_tap(tap)
         first = collect_taps(num_taps, len(self.blocks))
-        h = self.pos_drop(self.embed(x, mask_BT))
+        h = self.pos_drop(self.embed(x, mask_BT, mask_embedding_D))
         key_padding = None
         if padding_mask_BT is not None:  # not used by v1 vision; CLS is never padding
             key_padding = torch.cat([padding_mask_BT.new_zeros(padding_mask_BT.shape[0], 1), padding_mask_BT], 1)
