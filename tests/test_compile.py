@@ -226,3 +226,16 @@ def test_zero2_compiled_run_matches_single_eager(single_runs, spawned_runs):
     # own difference (test_engine_deepspeed: rtol 1e-4, teacher atol 1e-5) bounds this one.
     assert_same_run(single_runs["text"][0], spawned_runs["zero2-text"])
     assert all(r["graphs"] == 2 for r in spawned_runs["zero2-text"])
+
+
+# ----------------------------------------------------------------------------- data2vec 2.0
+@pytest.mark.parametrize("modality", ["vision", "speech"])
+def test_v2_compiled_run_matches_eager(tmp_dir, modality):
+    """2.0 blocks compiled (student on the kept positions of M views; speech with ALiBi biases over lengths
+    that vary) give the eager run's losses and weights; a few graphs serve the run (the speech student's
+    [R, H, K, K] biases add one automatic-dynamic retrace)."""
+    name = f"{modality}/v2-tiny"
+    eager = run_single(name, _overrides(tmp_dir, f"v2-{modality}-eager"))
+    compiled = _compiled(run_single, name, _overrides(tmp_dir, f"v2-{modality}-compiled"))
+    _assert_same_result(eager, compiled)
+    assert 2 <= compiled["graphs"] <= 4, compiled["graphs"]
