@@ -107,17 +107,24 @@ def kept_positions(mask_RT: torch.Tensor, padding_mask_RT: Optional[torch.Tensor
     return index_RK.masked_fill(pad_RK, 0).contiguous(), pad_RK
 
 
+def _noise_seeds(rng: np.random.Generator, views: int) -> np.ndarray:
+    """Keys of the decoder's noise at the masked positions (data2vec 2.0): one per view, from the sample's
+    own stream."""
+    return rng.integers(0, 2**31, size=views, dtype=np.int64)
+
+
 def _views(items: list[dict]) -> int:
     """M when the items carry data2vec 2.0 masks ([M, T] per item), else 0."""
     return items[0]["mask"].shape[0] if items[0]["mask"].ndim == 2 else 0
 
 
-def _views_batch(items: list[dict], mask_RT: torch.Tensor, padding_BT: torch.Tensor, views: int) -> dict:
-    """The data2vec 2.0 keys of a batch of sequences: each view's kept positions (and pad slots) and the
-    keys of its decoder noise."""
-    keep, keep_pad = kept_positions(mask_RT, padding_BT.repeat_interleave(views, dim=0))
-    return {"keep_index_RK": keep, "keep_padding_RK": keep_pad,
-            "noise_seed_R": torch.from_numpy(np.concatenate([it["noise_seed"] for it in items]))}
+def _views_batch(items: list[dict], mask_RT: torch.Tensor, padding_BT: Optional[torch.Tensor], views: int) -> dict:
+    """The data2vec 2.0 keys of a batch: each view's kept positions (and, for padded sequences, the pad
+    slots) and the keys of its decoder noise."""
+    padding_RT = None if padding_BT is None else padding_BT.repeat_interleave(views, dim=0)
+    keep, keep_pad = kept_positions(mask_RT, padding_RT)
+    out = {"keep_index_RK": keep, "noise_seed_R": torch.from_numpy(np.concatenate([it["noise_seed"] for it in items]))}
+    return out if keep_pad is None else {**out, "keep_padding_RK": keep_pad}
 
 
 class SampleProcessor:
@@ -209,7 +216,7 @@ class SampleProcessor:
             m2 = self.masking_cfg.speech_v2
             mask = block_mask_1d(rng, frames, ratio=m2.ratio, adjust=m2.adjust, span=m2.span,
                                  num_clones=self.masking_cfg.clones)
-            extra["noise_seed"] = rng.integers(0, 2**31, size=self.masking_cfg.clones, dtype=np.int64)
+            extra["noise_seed"] = _noise_seeds(rng, self.masking_cfg.clones)
         else:
             mask = speech_span_mask(rng, frames, self.masking_cfg.speech)
         return [{"audio": audio, "mask": mask, "label": label, "id": int(sample_id), **extra}]
@@ -298,8 +305,7 @@ class SampleProcessor:
             m2 = self.masking_cfg.vision_v2
             mask = inverse_block_mask_2d(rng, self._grid, ratio=m2.ratio, adjust=m2.adjust, block=m2.block,
                                          num_clones=self.masking_cfg.clones)
-            # Keys of the decoder's noise at the masked positions: per view, from the sample's own stream.
-            extra["noise_seed"] = rng.integers(0, 2**31, size=self.masking_cfg.clones, dtype=np.int64)
+            extra["noise_seed"] = _noise_seeds(rng, self.masking_cfg.clones)
         else:
             mask = vision_block_mask(rng, self._grid, self.masking_cfg.vision)
         if self.device_stage:
@@ -345,7 +351,7 @@ class SampleProcessor:
             if self.model_cfg.version == 2:  # M views of the block, the masked tokens dropped from the student
                 mask = random_mask(rng, ~np.isin(tokens, specials), ratio=self.masking_cfg.text_v2_ratio,
                                    num_clones=self.masking_cfg.clones)
-                extra["noise_seed"] = rng.integers(0, 2**31, size=self.masking_cfg.clones, dtype=np.int64)
+                extra["noise_seed"] = _noise_seeds(rng, self.masking_cfg.clones)
             # Blocks of one document get distinct ids: (doc id << 16) | block.
             items.append({"tokens": tokens, "input": inputs, "mask": mask, "label": label,
                           "id": (int(sample_id) << 16) | b, **extra})
@@ -385,10 +391,10 @@ class SampleProcessor:
             else:
                 batch["image_BCHW"] = torch.stack([it["image"] for it in items])
             mask = torch.stack([torch.from_numpy(it["mask"]) for it in items])
-            if mask.ndim == 3:  # data2vec 2.0: [B, M, T] -> M consecutive rows per sample, and the kept patches
+            views = _views(items)
+            if views:  # data2vec 2.0: [B, M, T] -> M consecutive rows per sample, and the kept patches
                 mask = mask.flatten(0, 1)
-                batch["keep_index_RK"] = kept_positions(mask)[0]
-                batch["noise_seed_R"] = torch.from_numpy(np.concatenate([it["noise_seed"] for it in items]))
+                batch.update(_views_batch(items, mask, None, views))
             batch["mask_BT"] = mask
         else:
             T = max(it["tokens"].shape[0] for it in items)

@@ -38,6 +38,13 @@ def gather_kept(x_BTD, keep_index_RK):
     return torch.gather(x, 1, keep_index_RK[..., None].expand(R, K, x.shape[-1]))
 
 
+def pad_slots_at(keep_index_RK, keep_padding_RK, sentinel: int):
+    """The kept index with its pad slots (``keep_padding_RK``; rows that keep fewer positions than the
+    longest) pointing at ``sentinel``: a scatter into ``sentinel + 1`` columns then drops them with the
+    last column."""
+    return keep_index_RK if keep_padding_RK is None else keep_index_RK.masked_fill(keep_padding_RK, sentinel)
+
+
 class Data2Vec2(nn.Module):
     """Student with exactly three children: ``frontend``, ``encoder``, ``decoder``."""
 
@@ -55,14 +62,14 @@ class Data2Vec2(nn.Module):
         if mask.shape[0] != keep.shape[0] or mask.shape[0] % fo.student_x.shape[0]:
             raise ValueError(f"{mask.shape[0]} mask rows, {keep.shape[0]} kept-index rows and "
                              f"{fo.student_x.shape[0]} samples: expected M views of every sample")
-        keep_padding = batch.get("keep_padding_RK")  # rows that keep fewer positions than the longest (text)
-        kw = {} if keep_padding is None else {"keep_padding_RK": keep_padding}
-        eo: EncoderOutput = self.encoder(fo.student_x, padding_mask_BT=fo.padding_mask_BT, keep_index_RK=keep, **kw)
+        keep_padding = batch.get("keep_padding_RK")  # speech, text: rows that keep fewer positions than the longest
+        eo: EncoderOutput = self.encoder(fo.student_x, padding_mask_BT=fo.padding_mask_BT, keep_index_RK=keep,
+                                         keep_padding_RK=keep_padding)
         padding_RT = None
         if fo.padding_mask_BT is not None:
             padding_RT = fo.padding_mask_BT.repeat_interleave(mask.shape[0] // fo.padding_mask_BT.shape[0], dim=0)
         pred_RTD = self.decoder(eo.x_BTD, keep, batch["noise_seed_R"], num_positions=mask.shape[1],
-                                padding_mask_RT=padding_RT, **kw)
+                                padding_mask_RT=padding_RT, keep_padding_RK=keep_padding)
         return StudentOutput(
             pred_ND=masked_rows(pred_RTD, mask, batch.get("mask_index_N")),
             mask_BT=mask,

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from scaling.config import ModelConfig
 from scaling.models.blocks import keyed_normal
+from scaling.models.data2vec2 import pad_slots_at
 
 
 def _xavier_linears(module: nn.Module) -> None:
@@ -63,7 +64,7 @@ class Decoder1d(nn.Module):
         R, K, D = kept_RKD.shape
         T = num_positions
         x = keyed_normal(noise_seed_R, (T + 1, D), kept_RKD.dtype) * self.noise_std
-        index = keep_index_RK if keep_padding_RK is None else keep_index_RK.masked_fill(keep_padding_RK, T)
+        index = pad_slots_at(keep_index_RK, keep_padding_RK, T)
         x = x.scatter(1, index[..., None].expand(R, K, D), kept_RKD)[:, :T]  # pad slots land in column T
         keep = None if padding_mask_RT is None else (~padding_mask_RT)[:, None, :].to(x.dtype)
         x = self.input_dropout(x).transpose(1, 2)
@@ -107,12 +108,13 @@ class Decoder2d(nn.Module):
         _xavier_linears(self)
 
     def forward(self, kept_RKD: Tensor, keep_index_RK: Tensor, noise_seed_R: Tensor, *, num_positions: int,
-                padding_mask_RT: Optional[Tensor] = None) -> Tensor:
+                padding_mask_RT: Optional[Tensor] = None, keep_padding_RK: Optional[Tensor] = None) -> Tensor:
         """``kept_RKD``: encoder outputs at the kept patches (CLS stripped); ``noise_seed_R``: each view's key
         for its noise (:func:`keyed_normal`). Returns ``[R, N, D]``. Images have no padding."""
         R, K, D = kept_RKD.shape
         N = self.grid[0] * self.grid[1]
-        assert num_positions == N and padding_mask_RT is None, "an image decoder takes whole, unpadded grids"
+        assert num_positions == N and padding_mask_RT is None and keep_padding_RK is None, \
+            "an image decoder takes whole, unpadded grids"
         x = keyed_normal(noise_seed_R, (N, D), kept_RKD.dtype) * self.noise_std
         x = x.scatter(1, keep_index_RK[..., None].expand(R, K, D), kept_RKD)
         x = x.transpose(1, 2).reshape(R, D, *self.grid)

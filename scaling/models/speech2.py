@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from scaling.config import ModelConfig
 from scaling.models.blocks import PostLNBlock, check_tap, collect_taps, init_bert_params
-from scaling.models.data2vec2 import gather_kept
+from scaling.models.data2vec2 import gather_kept, pad_slots_at
 from scaling.models.outputs import EncoderOutput, FrontendOutput
 from scaling.models.speech import FeatureExtractor, FeatureProjection, PosConv, SpeechFrontend
 
@@ -75,7 +75,6 @@ class SpeechEncoder2(nn.Module):
         super().__init__()
         sc, eps = cfg.speech, cfg.layer_norm_eps
         self.prenet_depth = cfg.v2.prenet_depth
-        self.heads = cfg.heads
         self.pos_conv = PosConv(cfg.dim, sc.conv_pos_width, sc.conv_pos_depth, sc.conv_pos_groups, eps)
         # fairseq learned_alibi_scale_per_head, alibi_scale_init 1.0; one scale per head for every block.
         self.alibi_scale = nn.Parameter(torch.ones(cfg.heads))
@@ -112,7 +111,7 @@ class SpeechEncoder2(nn.Module):
             key_padding = padding_mask_BT
         else:
             R, K = keep_index_RK.shape
-            index = keep_index_RK if keep_padding_RK is None else keep_index_RK.masked_fill(keep_padding_RK, T)
+            index = pad_slots_at(keep_index_RK, keep_padding_RK, T)
             # The frames a view does not keep are zeroed at the positional conv's input (fairseq
             # encoder_zero_mask); padding is zeroed before every conv layer, as for the teacher (PosConv).
             keep_RT = torch.zeros(R, T + 1, dtype=torch.bool, device=x.device).scatter(1, index, True)[:, :T]

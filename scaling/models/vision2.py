@@ -93,10 +93,12 @@ class VisionEncoder2(nn.Module):
         return x + self.pos_embed.to(x.dtype)
 
     def forward(self, x: Tensor, *, padding_mask_BT: Optional[Tensor] = None, mask_BT: Optional[Tensor] = None,
-                num_taps: int = 0, tap: str = "ffn", keep_index_RK: Optional[Tensor] = None) -> EncoderOutput:
+                num_taps: int = 0, tap: str = "ffn", keep_index_RK: Optional[Tensor] = None,
+                keep_padding_RK: Optional[Tensor] = None) -> EncoderOutput:
         """``x``: images ``[B, C, H, W]``. ``keep_index_RK`` (student): the kept patches of each of the
         R = B x M views, views of a sample consecutive (``repeat_interleave`` order); the patch embedding
         runs once per image. None (teacher, probe): every patch."""
+        assert keep_padding_RK is None, "image views keep equal numbers of patches: no pad slots"
         check_tap(tap)
         first = self.prenet_depth + collect_taps(num_taps, len(self.blocks) - self.prenet_depth)
         h = self.embed(x)
