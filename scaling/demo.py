@@ -31,18 +31,9 @@ def build_data(modality: str, out_dir: Path) -> tuple[list[str], dict]:
     """Build the modality's demo shards; returns the recipe overrides that point at them, and the
     builder's description (``train_shards``, ``valid_shards``, ``num_classes`` when labelled, and
     ``probe_train_shards`` when the probe trains on other shards than pretraining)."""
-    from scaling.data import demo_sets
+    from scaling.modalities import spec_for
 
-    if modality == "vision":
-        info = demo_sets.build_vision_demo(out_dir)
-    elif modality == "speech":
-        info = demo_sets.build_speech_demo(out_dir)
-    else:
-        info = demo_sets.build_text_demo(out_dir, vocab_size=1000)
-    overrides = [f"data.train_shards={info['train_shards']}"]
-    if modality == "text":
-        overrides += [f"data.text.tokenizer={info['tokenizer']}", f"model.text.vocab_size={info['vocab_size']}"]
-    return overrides, info
+    return spec_for(modality).demo_data(out_dir)
 
 
 def probe_pair(checkpoint: str, info: dict, uri: str) -> tuple[dict, dict] | None:

@@ -94,27 +94,20 @@ def forward_flops(cfg: ModelConfig, lengths: list[int], num_masked: int,
                   audio_lengths: list[int] | None = None) -> ForwardFlops:
     """FLOPs of a micro-batch of sequences with ``lengths`` real encoder positions each (vision:
     patches, without CLS) and ``num_masked`` masked positions; speech also needs each row's real
-    ``audio_lengths`` (samples)."""
+    ``audio_lengths`` (samples). v1: the positional conv (speech) belongs to the frontend, so the
+    teacher's input costs it again with the student's weights."""
+    from scaling.modalities import spec_for
+
+    spec = spec_for(cfg.modality)
     student = teacher_input = teacher = 0.0
-    if cfg.modality == "speech":
-        assert audio_lengths is not None and len(audio_lengths) == len(lengths), "speech needs the audio lengths"
-        c_in = cfg.speech.conv_layers[-1][0]
-        for n_samples, T in zip(audio_lengths, lengths):
-            student += _cnn_flops(cfg, n_samples)
-            student += 2.0 * T * c_in * cfg.dim + _pos_conv_flops(cfg, T) + _encoder_flops(cfg, T)
-            teacher_input += _pos_conv_flops(cfg, T)
-            teacher += _encoder_flops(cfg, T)
-    elif cfg.modality == "vision":
-        vc = cfg.vision
-        patch = 2.0 * vc.channels * vc.patch_size ** 2 * cfg.dim
-        for N in lengths:
-            per_image = patch * N + _encoder_flops(cfg, N + 1)
-            student += per_image
-            teacher += per_image
-    else:
-        for T in lengths:
-            student += _encoder_flops(cfg, T)
-            teacher += _encoder_flops(cfg, T)
+    assert audio_lengths is None or len(audio_lengths) == len(lengths), "one audio length per row"
+    for i, T in enumerate(lengths):
+        local = spec.frontend_flops(cfg, T, None if audio_lengths is None else audio_lengths[i])
+        pos = spec.positional_conv_flops(cfg, T)
+        encoder = _encoder_flops(cfg, T + spec.cls_positions)
+        student += local + pos + encoder
+        teacher_input += pos
+        teacher += encoder + (local if spec.teacher_embeds else 0.0)
     student += _head_flops(cfg, num_masked)
     return ForwardFlops(student, teacher_input, teacher)
 
@@ -134,18 +127,16 @@ def forward_flops2(cfg: ModelConfig, samples: int, views: int, kept: int, positi
     masked views of each keeping ``kept``. Student: the blocks on the kept positions (+ CLS for images) of
     every view, the conv decoder on every position of every view, the patch embedding once per image;
     teacher: one pass per sample."""
+    from scaling.modalities import spec_for
+
+    spec = spec_for(cfg.modality)
     v2, d = cfg.v2, cfg.dim
-    N, extra, local = positions, 0, 0.0
-    kernel_area = v2.decoder_kernel
-    if cfg.modality == "vision":
-        vc = cfg.vision
-        extra, kernel_area = 1, v2.decoder_kernel ** 2  # CLS; a 2-D kernel
-        local = 2.0 * vc.channels * vc.patch_size ** 2 * d * N
-    pos = 0.0
-    if cfg.modality == "speech":  # the CNN once per clip; the positional conv on every view and on the teacher's
-        assert audio_lengths is not None, "speech needs the audio lengths"
-        local = sum(_cnn_flops(cfg, n) + 2.0 * N * cfg.speech.conv_layers[-1][0] * d for n in audio_lengths) / samples
-        pos = _pos_conv_flops(cfg, N)
+    N, extra = positions, spec.cls_positions
+    kernel_area = v2.decoder_kernel ** spec.decoder_kernel_dims
+    # The frontend once per sample (speech: the CNN per clip, averaged over the micro-batch's clips).
+    clips = audio_lengths if audio_lengths is not None else [None] * samples
+    local = sum(spec.frontend_flops(cfg, N, n) for n in clips) / max(len(clips), 1)
+    pos = spec.positional_conv_flops(cfg, N)  # 2.0 speech: the encoder's, on every view and on the teacher's
     blocks = replace(cfg, depth=cfg.depth + v2.prenet_depth)
     widths = [d] + [v2.decoder_dim] * v2.decoder_layers
     decoder = sum(2.0 * N * (c_in // v2.decoder_groups) * kernel_area * v2.decoder_dim for c_in in widths[:-1])
@@ -153,7 +144,7 @@ def forward_flops2(cfg: ModelConfig, samples: int, views: int, kept: int, positi
     decoder += 2.0 * N * (v2.decoder_dim * d if not hidden else v2.decoder_dim * hidden + hidden * d)
     R = samples * views
     student = samples * local + R * (pos + _encoder_flops(blocks, kept + extra) + decoder)
-    teacher = samples * (pos + _encoder_flops(blocks, N + extra) + (local if cfg.modality == "vision" else 0.0))
+    teacher = samples * (pos + _encoder_flops(blocks, N + extra) + (local if spec.teacher_embeds else 0.0))
     return ForwardFlops(student, 0.0, teacher)
 
 
@@ -161,35 +152,20 @@ def batch_counts(cfg: ModelConfig, batch: dict[str, torch.Tensor]) -> tuple[int,
     """(rows, real encoder positions, step FLOPs) of one collated micro-batch (CPU tensors, before
     the model: no device sync). Positions are speech frames of the real audio, vision patches and
     CLS, text non-pad tokens."""
+    from scaling.modalities import spec_for
+
+    spec = spec_for(cfg.modality)
     mask = batch["mask_BT"]
+    lengths, audio = spec.row_lengths(cfg, batch)  # per sample row
     if "keep_index_RK" in batch:  # data2vec 2.0: rows are samples; positions: the student encoder's kept ones
         samples, (R, K) = int(batch["sample_id_B"].shape[0]), batch["keep_index_RK"].shape
         pad = batch.get("keep_padding_RK")
         kept = R * K if pad is None else int((~pad).sum())
-        extra = R if cfg.modality == "vision" else 0  # CLS
-        audio = None
-        if cfg.modality == "speech":
-            pad = batch.get("audio_padding_BT")
-            audio = [batch["audio_BT"].shape[-1]] * samples if pad is None else (~pad).sum(-1).tolist()
-        return samples, kept + extra, forward_flops2(cfg, samples, R // samples, K, int(mask.shape[1]), audio).step
+        flops = forward_flops2(cfg, samples, R // samples, K, int(mask.shape[1]), audio).step
+        return samples, kept + R * spec.cls_positions, flops
     rows = int(mask.shape[0])
-    num_masked = int(mask.sum())
-    audio_lengths = None
-    if cfg.modality == "speech":
-        from scaling.models.speech import conv_output_length
-
-        pad = batch.get("audio_padding_BT")
-        n = batch["audio_BT"].shape[-1]
-        audio_lengths = [n] * rows if pad is None else (~pad).sum(-1).tolist()
-        lengths = [conv_output_length(a, cfg.speech.conv_layers) for a in audio_lengths]
-    elif cfg.modality == "vision":
-        lengths = [int(mask.shape[1])] * rows
-    else:
-        pad = batch.get("padding_mask_BT")
-        lengths = [int(mask.shape[1])] * rows if pad is None else (~pad).sum(-1).tolist()
-    flops = forward_flops(cfg, lengths, num_masked, audio_lengths).step
-    tokens = sum(lengths) + (rows if cfg.modality == "vision" else 0)  # vision: CLS is an encoder position too
-    return rows, int(tokens), flops
+    flops = forward_flops(cfg, lengths, int(mask.sum()), audio).step
+    return rows, int(sum(lengths) + rows * spec.cls_positions), flops
 
 
 # Dense peak TFLOP/s per GPU by datasheet (the sparsity figures halved). First match of the

@@ -283,14 +283,9 @@ def estimate_table(recipe: Recipe, world_size: int) -> list[MemoryEstimate]:
 # ----------------------------------------------------------------------------- activations
 def sequence_length(recipe: Recipe, audio_samples: int | None = None) -> int:
     """Encoder positions per sample (speech: for ``audio_samples``, default the longest crop)."""
-    m = recipe.model
-    if m.modality == "vision":
-        return (m.vision.image_size // m.vision.patch_size) ** 2 + 1
-    if m.modality == "text":
-        return recipe.data.text.block_size
-    from scaling.models.speech import conv_output_length
+    from scaling.modalities import spec_for
 
-    return conv_output_length(audio_samples or recipe.data.speech.max_samples, m.speech.conv_layers)
+    return spec_for(recipe.model.modality).positions(recipe, audio_samples)
 
 
 def micro_batch_shape(recipe: Recipe, world_size: int) -> tuple[int, int]:
@@ -312,47 +307,22 @@ def micro_batch_shape(recipe: Recipe, world_size: int) -> tuple[int, int]:
 def activation_bytes(recipe: Recipe, batch: int, positions: int) -> tuple[int, int]:
     """(without, with activation checkpointing) bytes autograd keeps for one micro-batch; the
     formula and its assumptions are in the module docstring."""
+    from scaling.modalities import spec_for
+
     m = recipe.model
     a = _low_bytes(recipe.train.precision)
     D, F, H, L = m.dim, m.ffn_dim, m.heads, m.depth
     BT = batch * positions
     mask = (2 * D if m.dropout > 0 else 0) + (F if m.activation_dropout > 0 else 0)
     lse = 4 * H  # SDPA log-sum-exp, fp32
-    if m.modality == "vision":
-        scale = 2 * D if m.vision.layer_scale_init > 0 else 0
-        per_block = a * (8 * D + 2 * F) + a * scale + mask + lse
-    else:
-        per_block = a * (8 * D + 2 * F) + mask + lse
+    spec = spec_for(m.modality)
+    per_block = a * (8 * D + 2 * F) + spec.block_extra_bytes(m, a) + mask + lse
     block = BT * per_block
     teacher = BT * (recipe.objective.top_k * a * D + a * (4 * D + F) + 8 * D)
     head_width = {"linear": D, "mlp": 5 * D, "norm_linear": 2 * D}[m.head]
     head = BT * (a * head_width + 8 * D)  # head input/hidden, fp32 prediction and target
-    frontend = _frontend_bytes(recipe, batch, positions, a)
+    frontend = spec.frontend_bytes(recipe, batch, positions, a)
     outside = frontend + teacher + head
     no_ac = L * block + outside
     with_ac = L * BT * a * D + block + outside
     return int(no_ac), int(with_ac)
-
-
-def _frontend_bytes(recipe: Recipe, batch: int, positions: int, a: int) -> int:
-    m = recipe.model
-    D = m.dim
-    if m.modality == "vision":
-        v = m.vision
-        return batch * (a * v.channels * v.image_size**2 + a * positions * D)
-    if m.modality == "text":
-        return batch * positions * ((4 + 2 * a) * D + (D if m.dropout > 0 else 0))
-    # speech: invert the CNN to the audio samples that give `positions` frames
-    layers = m.speech.conv_layers
-    samples = positions
-    for _, k, s in reversed(layers):
-        samples = (samples - 1) * s + k
-    total, frames = a * samples, samples
-    for ch, k, s in layers:
-        frames = (frames - k) // s + 1
-        total += ch * frames * (4 + 2 * a)
-    channels = layers[-1][0]
-    total += positions * (2 * a * channels + a * D)  # projection LayerNorm and Linear inputs
-    total += positions * m.speech.conv_pos_depth * (8 + a) * D  # positional convs
-    total += positions * 2 * a * D  # teacher input, encoder input LayerNorm
-    return batch * total

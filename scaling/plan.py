@@ -99,13 +99,10 @@ def _alternatives(batch: int, world: int) -> str:
 
 def _tokens_per_sample(recipe: Recipe) -> float:
     """Encoder positions per sample: what `tokens/s` counts (frames, patches + CLS, or token ids)."""
-    m = recipe.model
-    if m.modality == "vision":
-        return (m.vision.image_size // m.vision.patch_size) ** 2 + 1
-    if m.modality == "text":
-        return recipe.data.text.block_size
-    # Speech: the longest crop (fixed-count batches pad to it at worst).
-    return recipe.data.speech.max_samples / frame_stride(recipe)
+    from scaling.modalities import spec_for
+
+    # Speech: the longest crop's frames (fixed-count batches pad to it at worst).
+    return spec_for(recipe.model.modality).positions(recipe, None)
 
 
 def frame_stride(recipe: Recipe) -> int:

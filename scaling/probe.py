@@ -159,6 +159,7 @@ def extract_features(model: Data2Vec, recipe: Recipe, shards: str, *, layer: int
     if batch_size <= 0:
         raise ValueError("batch_size must be positive")
     from scaling.data import build_loader
+    from scaling.modalities import spec_for
 
     block = _block_index(layer, recipe.model.depth)
     r = _probe_recipe(recipe, shards)
@@ -167,9 +168,9 @@ def extract_features(model: Data2Vec, recipe: Recipe, shards: str, *, layer: int
     # One finite pass (epochs=1): every sample once, whatever data.num_workers says.
     loader = build_loader(r.data, r.model, r.masking, seed=r.seed, rank=0, world_size=1,
                           micro_batch_size=batch_size, epochs=1)
-    # Text blocks of one document share its id in sample_id >> 16 (SampleProcessor.text_items); the
+    # Text blocks of one document share its id in sample_id >> 16 (scaling.modalities.text); the
     # label is part of the key so that an id collision never mixes classes.
-    shift = 16 if r.model.modality == "text" else 0
+    shift = spec_for(r.model.modality).sample_id_shift
     documents: dict[tuple[int, int], int] = {}  # (source sample, label) -> row of the result
     rows, sums, counts = [], [], []
     try:

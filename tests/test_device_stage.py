@@ -46,7 +46,7 @@ def old_worker_image(source, d, m, g: int) -> torch.Tensor:
     from torchvision.transforms import v2
 
     size = m.vision.image_size
-    image, _ = source._vision(sample_rng(SEED, g, _TAG_SYNTH))
+    image, _ = source.spec.synthetic_sample(source, sample_rng(SEED, g, _TAG_SYNTH))
     geometric = v2.Compose([v2.RandomResizedCrop((size, size), scale=tuple(d.vision.crop_scale),
                                                  interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
                             v2.RandomHorizontalFlip()])

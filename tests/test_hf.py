@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoFeatureExtractor, AutoImageProcessor, A
 
 from scaling.config import load_recipe, recipe_from_dict
 from scaling.data.build import train_tokenizer
-from scaling.data.collate import SampleProcessor
+from scaling.modalities import build_processor
 from scaling.hf import export_pretrained, import_pretrained
 from scaling.models import build_model
 from scaling.models.speech import conv_output_length
@@ -434,12 +434,12 @@ def check_feature_extractor(recipe, out):
     assert type(fe).__name__ == "Wav2Vec2FeatureExtractor"
     assert (fe.sampling_rate, fe.do_normalize, fe.return_attention_mask, fe.padding_value) == \
         (d.sample_rate, d.normalize, True, 0.0)
-    ours = SampleProcessor(recipe.data, recipe.model, recipe.masking, seed=0)
+    ours = build_processor(recipe.data, recipe.model, recipe.masking, seed=0)
     rng = np.random.default_rng(0)
     n = d.min_samples  # no crop
 
     def both(audio):
-        return ours.speech_items(audio, 0, 0, None)[0]["audio"], fe(audio, sampling_rate=d.sample_rate).input_values[0]
+        return ours.items(audio, 0, 0, None)[0]["audio"], fe(audio, sampling_rate=d.sample_rate).input_values[0]
 
     def eps_added(x, y):  # y = (x - mean) / sqrt(var + eps)  =>  eps = var / var(y) - var
         var = x.astype(np.float64).var()
@@ -462,7 +462,7 @@ def check_image_processor(recipe, out):
 
     v, C = recipe.model.vision, recipe.model.vision.channels
     eval_data = dataclasses.replace(recipe.data, vision=dataclasses.replace(recipe.data.vision, augment=False))
-    ours = SampleProcessor(eval_data, recipe.model, recipe.masking, seed=0)
+    ours = build_processor(eval_data, recipe.model, recipe.masking, seed=0)
     processor = AutoImageProcessor.from_pretrained(out)
     pil_processor = AutoImageProcessor.from_pretrained(out, backend="pil")
     assert type(processor).__name__ == "BeitImageProcessor"
@@ -471,7 +471,7 @@ def check_image_processor(recipe, out):
     for name, shape in (("at size", (v.image_size, v.image_size)), ("resized", (v.image_size + 13, v.image_size - 5))):
         image = torch.randint(0, 256, (C, *shape), dtype=torch.uint8, generator=g)
         pil = Image.fromarray(image[0].numpy() if C == 1 else image.permute(1, 2, 0).numpy())
-        expected = ours.vision_items(image, 0, 0, None)[0]["image"]
+        expected = ours.items(image, 0, 0, None)[0]["image"]
         for backend, p in (("torchvision", processor), ("pil", pil_processor)):
             got = p(pil, return_tensors="pt").pixel_values[0]
             assert got.shape == expected.shape

@@ -37,10 +37,10 @@ import numpy as np
 import torch
 
 from scaling.config import DataConfig, MaskingConfig, ModelConfig
-from scaling.data.collate import BOS_ID, EOS_ID, RAW_IMAGE_KEYS, SampleProcessor
-from scaling.data.loader import _TAG_SYNTH, _SyntheticSource
+from scaling.data.collate import RAW_IMAGE_KEYS
+from scaling.data.loader import _SyntheticSource
 from scaling.data.quality import DataCounters
-from scaling.masking import sample_rng, vision_block_mask
+from scaling.modalities import build_processor, spec_for
 
 __all__ = ["to_device", "finish_images", "DeviceSyntheticSource", "DeviceBatchMaker", "speech_span_masks",
            "text_span_masks"]
@@ -178,15 +178,7 @@ class DeviceSyntheticSource(_SyntheticSource):
         return f"synthetic_device:{self.epoch_size}"
 
     def items(self, proc, g: int, epoch: int, counters: DataCounters, count: bool) -> list[dict]:
-        m = self.model_cfg.modality
-        item: dict = {"id": int(g)}
-        if m == "speech":
-            item["length"] = self.item_size(proc, g)  # the CPU source's clip length, cropped as it crops
-        elif m == "text":
-            # The CPU source's document length (its first draw); one block per document, id (g << 16) | 0.
-            content = self.data_cfg.text.block_size - 2
-            item["length"] = int(sample_rng(self.seed, g, _TAG_SYNTH).integers(min(8, content), content + 1)) + 2
-            item["id"] = int(g) << 16
+        item = self.spec.device_item(self, g)
         if count:
             counters.add_good(epoch, 1)
         return [item]
@@ -197,13 +189,14 @@ class DeviceBatchMaker:
 
     def __init__(self, data_cfg: DataConfig, model_cfg: ModelConfig, masking_cfg: MaskingConfig, seed: int,
                  device: torch.device | str):
-        self.checks = SampleProcessor(data_cfg, model_cfg, masking_cfg, seed)  # the same config checks, grid, conv
+        build_processor(data_cfg, model_cfg, masking_cfg, seed)  # the same config checks as the CPU source's
         self.data_cfg, self.model_cfg, self.masking_cfg = data_cfg, model_cfg, masking_cfg
         self.modality = model_cfg.modality
+        self.spec = spec_for(model_cfg.modality)
         self.seed = int(seed)
         self.device = torch.device(device)
-        self._gen: Optional[torch.Generator] = None  # made at the first batch: building the loader touches no device
-        self._bank: Optional[torch.Tensor] = None
+        self.gen: Optional[torch.Generator] = None  # made at the first batch: building the loader touches no device
+        self.cache: dict = {}  # what a modality draws once per source (vision: its bank of block masks)
 
     @staticmethod
     def item_length(item: dict) -> int:
@@ -212,51 +205,11 @@ class DeviceBatchMaker:
     def _seed(self, items: list[dict]) -> None:
         """Each batch from its own seed: its first sample index (unique in a slot's stream) and size."""
         state = np.random.SeedSequence([self.seed, _TAG_DEVICE_BATCH, items[0]["id"], len(items)]).generate_state(2)
-        if self._gen is None:
-            self._gen = torch.Generator(device=self.device)
-        self._gen.manual_seed((int(state[0]) << 31 | int(state[1])) & (2**63 - 1))
+        if self.gen is None:
+            self.gen = torch.Generator(device=self.device)
+        self.gen.manual_seed((int(state[0]) << 31 | int(state[1])) & (2**63 - 1))
 
     def collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
         self._seed(items)
-        B, dev, gen = len(items), self.device, self._gen
-        ids_B = host_to_device([it["id"] for it in items], torch.int64, dev)
-        if self.modality == "vision":
-            vc = self.model_cfg.vision
-            image_BCHW = torch.randn(B, vc.channels, vc.image_size, vc.image_size, generator=gen, device=dev)
-            mask_BT = self._mask_bank()[torch.randint(MASK_BANK_SIZE, (B,), generator=gen, device=dev)]
-            label_B = torch.randint(0, 4, (B,), generator=gen, device=dev)  # the CPU source's 0-3 rectangles
-            return {"image_BCHW": image_BCHW, "mask_BT": mask_BT, "label_B": label_B, "sample_id_B": ids_B}
-        lengths = [int(it["length"]) for it in items]
-        lengths_B = host_to_device(lengths, torch.int64, dev)
-        if self.modality == "speech":
-            conv = self.model_cfg.speech.conv_layers
-            S = max(lengths)
-            F = self.checks._conv_out(S, conv)
-            padding_BT = torch.arange(S, device=dev)[None, :] >= lengths_B[:, None]
-            audio_BT = torch.randn(B, S, generator=gen, device=dev).masked_fill_(padding_BT, 0.0)
-            frames = [self.checks._conv_out(n, conv) for n in lengths]
-            mask_BT = speech_span_masks(gen, frames, F, self.masking_cfg.speech, dev)
-            label_B = torch.randint(0, 2, (B,), generator=gen, device=dev)  # the CPU source's 2 or 3 tones, less 2
-            return {"audio_BT": audio_BT, "audio_padding_BT": padding_BT, "mask_BT": mask_BT, "label_B": label_B,
-                    "sample_id_B": ids_B}
-        tc = self.model_cfg.text
-        T = max(lengths)
-        pos_T = torch.arange(T, device=dev)
-        tokens_BT = torch.randint(tc.mask_id + 1, tc.vocab_size, (B, T), generator=gen, device=dev)
-        tokens_BT[:, 0] = BOS_ID
-        tokens_BT = torch.where(pos_T[None, :] == lengths_B[:, None] - 1, EOS_ID, tokens_BT)
-        padding_BT = pos_T[None, :] >= lengths_B[:, None]
-        tokens_BT = tokens_BT.masked_fill_(padding_BT, tc.pad_id)
-        mask_BT, inputs_BT = text_span_masks(gen, tokens_BT, lengths_B, self.masking_cfg.text, mask_id=tc.mask_id,
-                                             vocab_size=tc.vocab_size, num_special=tc.mask_id + 1)
-        return {"tokens_BT": tokens_BT, "input_tokens_BT": inputs_BT, "padding_mask_BT": padding_BT,
-                "mask_BT": mask_BT, "sample_id_B": ids_B}
-
-    def _mask_bank(self) -> torch.Tensor:
-        """bool ``[MASK_BANK_SIZE, patches]``: BEiT block masks of the recipe, drawn once."""
-        if self._bank is None:
-            grid, cfg = self.checks._grid, self.masking_cfg.vision
-            masks = [vision_block_mask(sample_rng(self.seed, _TAG_MASK_BANK, i), grid, cfg)
-                     for i in range(MASK_BANK_SIZE)]
-            self._bank = torch.from_numpy(np.stack(masks)).to(self.device)
-        return self._bank
+        ids_B = host_to_device([it["id"] for it in items], torch.int64, self.device)
+        return self.spec.device_batch(self, items, ids_B)

@@ -79,7 +79,6 @@ import collections
 import copy
 import io
 import logging
-import os
 import re
 import tarfile
 import warnings
@@ -95,6 +94,7 @@ from scaling.data.collate import BOS_ID, EOS_ID, SampleProcessor
 from scaling.data.quality import STAT_NAMES, BadSample, DataCounters, check_bad_fraction
 from scaling.data.shards import check_shard_set, expand_shards, is_remote, shard_name
 from scaling.masking import sample_rng
+from scaling.modalities import build_processor, spec_for
 
 __all__ = ["Loader", "build_loader", "sample_id", "BOS_ID", "EOS_ID", "CATCHUP"]
 
@@ -424,7 +424,8 @@ class _SyntheticSource:
         self.num_samples = self.epoch_size
         # Bucketed batches sort windows of this many positions (the synthetic stream has no shuffle window).
         self.bucket_window = max(1, int(data_cfg.shuffle_buffer))
-        self._markov = None
+        self.spec = spec_for(model_cfg.modality)
+        self.cache: dict = {}  # what a modality's synthetic samples draw once per source (text: its Markov chain)
 
     def describe(self) -> str:
         return f"synthetic:{self.epoch_size}"
@@ -450,84 +451,16 @@ class _SyntheticSource:
             epoch += 1
 
     def item_size(self, proc: SampleProcessor, g: int) -> int:
-        return min(self._speech_length(sample_rng(self.seed, g, _TAG_SYNTH)), self.data_cfg.speech.max_samples)
+        from scaling.modalities.speech import synthetic_length  # batches bounded by audio are speech's
+
+        return min(synthetic_length(self.data_cfg, sample_rng(self.seed, g, _TAG_SYNTH)), self.data_cfg.speech.max_samples)
 
     def items(self, proc: SampleProcessor, g: int, epoch: int, counters: DataCounters, count: bool) -> list[dict]:
-        rng = sample_rng(self.seed, g, _TAG_SYNTH)
-        m = self.model_cfg.modality
-        if m == "speech":
-            audio, label = self._speech(rng)
-            items = proc.speech_items(audio, epoch, g, label)
-        elif m == "vision":
-            image, label = self._vision(rng)
-            items = proc.vision_items(image, epoch, g, label)
-        else:
-            items = proc.text_items(self._text(rng), epoch, g, None)
+        decoded, label = self.spec.synthetic_sample(self, sample_rng(self.seed, g, _TAG_SYNTH))
+        items = proc.items(decoded, epoch, g, label)
         if count:
             counters.add_good(epoch, len(items))
         return items
-
-    def _speech_length(self, rng: np.random.Generator) -> int:
-        """The clip length: the first draw of the sample's RNG (so :meth:`item_size` needs no audio)."""
-        dc = self.data_cfg.speech
-        return int(rng.integers(dc.min_samples, max(dc.min_samples, dc.max_samples) + 1))
-
-    def _speech(self, rng: np.random.Generator) -> tuple[np.ndarray, int]:
-        dc = self.data_cfg.speech
-        sr = dc.sample_rate
-        n = self._speech_length(rng)
-        k = int(rng.integers(2, 4))
-        t = np.arange(n, dtype=np.float64) / sr
-        freqs = rng.uniform(80.0, min(4000.0, 0.45 * sr), size=k)
-        amps = rng.uniform(0.1, 0.5, size=k)
-        phases = rng.uniform(0.0, 2 * np.pi, size=k)
-        audio = (amps[:, None] * np.sin(2 * np.pi * freqs[:, None] * t[None, :] + phases[:, None])).sum(0)
-        audio += 0.01 * rng.standard_normal(n)
-        return audio.astype(np.float32), k - 2  # label: 2 or 3 tones
-
-    def _vision(self, rng: np.random.Generator) -> tuple[torch.Tensor, int]:
-        vc = self.model_cfg.vision
-        S, C = vc.image_size, vc.channels
-        # Background: a linear gradient between two colours in a random direction.
-        c0, c1 = rng.uniform(0, 255, size=(2, C))
-        angle = rng.uniform(0, 2 * np.pi)
-        yy, xx = np.mgrid[0:S, 0:S] / max(S - 1, 1)
-        ramp = np.cos(angle) * xx + np.sin(angle) * yy
-        ramp = (ramp - ramp.min()) / max(ramp.max() - ramp.min(), 1e-6)
-        img = c0[:, None, None] + (c1 - c0)[:, None, None] * ramp[None]
-        n_rect = int(rng.integers(0, 4))
-        for _ in range(n_rect):
-            h, w = rng.integers(max(1, S // 8), max(2, S // 2) + 1, size=2)
-            top, left = int(rng.integers(0, S - h + 1)), int(rng.integers(0, S - w + 1))
-            img[:, top : top + h, left : left + w] = rng.uniform(0, 255, size=C)[:, None, None]
-        return torch.from_numpy(np.clip(np.rint(img), 0, 255).astype(np.uint8)), n_rect
-
-    def _text(self, rng: np.random.Generator) -> np.ndarray:
-        tc = self.model_cfg.text
-        if self._markov is None:
-            mrng = sample_rng(self.seed, _TAG_MARKOV)
-            first = tc.mask_id + 1
-            if tc.vocab_size - first < 2:
-                raise ValueError(f"model.text.vocab_size ({tc.vocab_size}) leaves no room for synthetic tokens")
-            n_states = min(tc.vocab_size - first, 256)
-            states = mrng.choice(np.arange(first, tc.vocab_size), n_states, replace=False)
-            K = min(4, n_states)
-            succ = np.stack([mrng.choice(n_states, K, replace=False) for _ in range(n_states)])
-            probs = mrng.dirichlet(np.full(K, 0.5), size=n_states)
-            self._markov = (states, succ, np.cumsum(probs, axis=1))
-        states, succ, cum = self._markov
-        content = self.data_cfg.text.block_size - 2
-        # One block per document, so every synthetic sample is one item: a rank split by sample index
-        # then gives every world size the same global batches (engines are tested against one process).
-        length = int(rng.integers(min(8, content), content + 1))
-        out = np.empty(length, dtype=np.int64)
-        s = int(rng.integers(len(states)))
-        u = rng.random(length)
-        for i in range(length):
-            out[i] = states[s]
-            j = min(int(np.searchsorted(cum[s], u[i])), cum.shape[1] - 1)
-            s = int(succ[s, j])
-        return out
 
 
 # ============================================================================= one slot
@@ -921,10 +854,10 @@ def build_loader(
                      num_workers, device)
         num_workers = 0  # a worker process cannot hand out tensors that live on a GPU
     elif data_cfg.train_shards.strip() == "synthetic":
-        proc = SampleProcessor(data_cfg, model_cfg, masking_cfg, seed, device_stage=data_cfg.device_stage and on_gpu)
+        proc = build_processor(data_cfg, model_cfg, masking_cfg, seed, device_stage=data_cfg.device_stage and on_gpu)
         source = _SyntheticSource(data_cfg, model_cfg, seed, synthetic_epoch_size or DEFAULT_SYNTHETIC_EPOCH_SIZE)
     else:
-        proc = SampleProcessor(data_cfg, model_cfg, masking_cfg, seed, device_stage=data_cfg.device_stage and on_gpu)
+        proc = build_processor(data_cfg, model_cfg, masking_cfg, seed, device_stage=data_cfg.device_stage and on_gpu)
         paths = expand_shards(data_cfg.train_shards)  # ValueError naming a missing shard
         # Before any training: shards vs their indexes (listed, sizes, modality) and, for text, the
         # tokenizer they were made with vs data.text.tokenizer (ValueError naming the files).

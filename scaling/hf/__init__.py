@@ -18,12 +18,13 @@ import torch
 from torch import Tensor
 
 from scaling.config import Recipe
-from scaling.hf import speech, text, vision
+from scaling.modalities import all_specs
 from scaling.hf.common import refuse
 
 __all__ = ["export_pretrained", "import_pretrained"]
 
-ADAPTERS: dict[str, ModuleType] = {"speech": speech, "vision": vision, "text": text}
+# Each modality names its adapter module in its spec (scaling.modalities).
+ADAPTERS: dict[str, ModuleType] = {name: spec.hf() for name, spec in all_specs().items()}
 BY_MODEL_TYPE: dict[str, ModuleType] = {a.MODEL_TYPE: a for a in ADAPTERS.values()}
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scaling.config import ModelConfig
-from scaling.models.data2vec2 import Data2Vec2, build_model2, masked_rows
+from scaling.models.data2vec2 import Data2Vec2, masked_rows
 from scaling.models.outputs import EncoderOutput, FrontendOutput, StudentOutput
 
 
@@ -61,11 +61,9 @@ class Data2Vec(nn.Module):
 
     def forward(self, batch: dict[str, Tensor]) -> StudentOutput:
         fo: FrontendOutput = self.frontend(batch)
-        # v1 vision: the encoder masks after its patch embedding, with the student's own mask token (speech
-        # and text frontends have masked their output already).
-        token = getattr(self.frontend, "mask_token", None)
+        # The masking step (FrontendOutput.mask_embedding_D): in the encoder for images, done for speech and text.
         eo: EncoderOutput = self.encoder(fo.student_x, padding_mask_BT=fo.padding_mask_BT, mask_BT=fo.mask_BT,
-                                         num_taps=0, **({} if token is None else {"mask_embedding_D": token}))
+                                         mask_embedding_D=fo.mask_embedding_D, num_taps=0)
         mask = fo.mask_BT
         if mask.shape != eo.x_BTD.shape[:2]:
             raise ValueError(f"mask_BT {tuple(mask.shape)} does not match encoder positions "
@@ -82,35 +80,18 @@ class Data2Vec(nn.Module):
 
 
 def build_model(cfg: ModelConfig) -> Data2Vec | Data2Vec2:
-    """Build the student for ``cfg.modality`` and ``cfg.version`` (docs/data2vec.md §3.1-§3.4,
-    docs/data2vec2.md)."""
+    """Build the student for ``cfg.modality`` (its pieces: :mod:`scaling.modalities`) and ``cfg.version``
+    (docs/data2vec.md §3.1-§3.4, docs/data2vec2.md)."""
+    from scaling.modalities import spec_for
+
     if cfg.dim % cfg.heads:
         raise ValueError(f"model.heads ({cfg.heads}) must divide model.dim ({cfg.dim})")
+    spec = spec_for(cfg.modality)
     if cfg.version == 2:
-        return build_model2(cfg)
+        return Data2Vec2(*spec.build_v2(cfg), cfg.modality)
+    # The head first: its default init draws from the RNG before the frontend's and the encoder's.
     head = RegressionHead(cfg.head, cfg.dim, cfg.layer_norm_eps)
-    if cfg.modality == "speech":
-        from scaling.models.speech import SpeechEncoder, SpeechFrontend
-
-        frontend, encoder = SpeechFrontend(cfg), SpeechEncoder(cfg)
-        # fairseq final_proj is a plain nn.Linear (PyTorch default init); the mlp/norm_linear
-        # variants get BERT init below like the text head.
-        if cfg.head != "linear":
-            from scaling.models.blocks import init_bert_params
-
-            head.apply(init_bert_params)
-    elif cfg.modality == "text":
-        from scaling.models.blocks import init_bert_params
-        from scaling.models.text import TextEncoder, TextFrontend
-
-        frontend, encoder = TextFrontend(cfg), TextEncoder(cfg)
-        head.apply(init_bert_params)
-    elif cfg.modality == "vision":
-        from scaling.models.vision import VisionEncoder, VisionFrontend, beit_init_weights
-
-        frontend = VisionFrontend(cfg, mask_token=True)
-        encoder = VisionEncoder(cfg, mask_token=frontend.mask_token)
-        head.apply(beit_init_weights)  # [DV]: trunc-normal(0.02) lm_head, LN 1/0
-    else:
-        raise ValueError(f"unknown modality {cfg.modality!r}")
+    frontend, encoder, init_head = spec.build_v1(cfg)
+    if init_head is not None:
+        head.apply(init_head)
     return Data2Vec(frontend, encoder, head, cfg.modality)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from scaling.config import ModelConfig
 from scaling.models.outputs import EncoderOutput, FrontendOutput, StudentOutput
 
 
@@ -78,23 +77,3 @@ class Data2Vec2(nn.Module):
             local_features_BTD=fo.local_features_BTD,
             cls_pred_BD=eo.cls_BD,
         )
-
-
-def build_model2(cfg: ModelConfig) -> Data2Vec2:
-    if cfg.modality == "vision":
-        from scaling.models.vision import VisionFrontend
-        from scaling.models.decoders import Decoder2d
-        from scaling.models.vision2 import VisionEncoder2
-
-        return Data2Vec2(VisionFrontend(cfg), VisionEncoder2(cfg), Decoder2d(cfg), cfg.modality)
-    if cfg.modality == "text":
-        from scaling.models.decoders import Decoder1d
-        from scaling.models.text2 import TextEncoder2, TextFrontend2
-
-        return Data2Vec2(TextFrontend2(cfg), TextEncoder2(cfg), Decoder1d(cfg), cfg.modality)
-    if cfg.modality == "speech":
-        from scaling.models.decoders import Decoder1d
-        from scaling.models.speech2 import SpeechEncoder2, SpeechFrontend2
-
-        return Data2Vec2(SpeechFrontend2(cfg), SpeechEncoder2(cfg), Decoder1d(cfg), cfg.modality)
-    raise ValueError(f"unknown modality {cfg.modality!r}")

@@ -18,6 +18,12 @@ class FrontendOutput:
     mask_BT: Tensor  # bool [B,T], True = masked, at encoder positions
     # local encoder output, for a variance monitor (docs/data2vec.md §1.3)
     local_features_BTD: Optional[Tensor]
+    # v1's one masking step, where the modality puts it: the embedding that the encoder's masking point
+    # substitutes at the masked positions (images: the student's mask token, after the patch embedding that
+    # the teacher owns). None where the frontend has masked student_x itself: speech substitutes its mask
+    # embedding before the positional conv it shares with the teacher, text masks ids on the data workers
+    # (BERT's <mask> / keep / random). data2vec 2.0 drops masked positions instead (keep_index_RK).
+    mask_embedding_D: Optional[Tensor] = None
 
 
 @dataclass

@@ -210,7 +210,8 @@ class SpeechEncoder(nn.Module):
         self._layerdrop_rng = random.Random(seed)
 
     def forward(self, x: Tensor, *, padding_mask_BT: Optional[Tensor] = None, mask_BT: Optional[Tensor] = None,
-                num_taps: int = 0, tap: str = "ffn") -> EncoderOutput:
+                num_taps: int = 0, tap: str = "ffn", mask_embedding_D: Optional[Tensor] = None) -> EncoderOutput:
+        assert mask_embedding_D is None, "this modality's frontend masks its output (FrontendOutput.mask_embedding_D)"
         check_tap(tap)
         first = collect_taps(num_taps, len(self.blocks))
         x = self.dropout(self.layer_norm(x))

@@ -93,6 +93,7 @@ class VisionFrontend(nn.Module):
             padding_mask_BT=None,
             mask_BT=batch["mask_BT"].bool(),
             local_features_BTD=None,
+            mask_embedding_D=getattr(self, "mask_token", None),  # v1's; 2.0 drops masked patches
         )
 
 
