@@ -49,5 +49,10 @@ preflight() {
 launch() {
     echo "[launchers] $*" >&2
     [[ ${DRY_RUN:-0} == 1 ]] && exit 0
+    # SIGUSR1 asks the ranks for a checkpoint and a clean exit (scaling/trainer.py; SLURM relays it to
+    # every process of the job, launchers/slurm_preempt.sh). torchrun's agent and the deepspeed runner
+    # would die of it (the default action) and take the ranks down: ignored here, which they inherit
+    # (an ignored signal stays ignored across exec and fork); each rank installs its own handler.
+    trap '' USR1
     exec "$@"
 }

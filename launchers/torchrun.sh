@@ -19,6 +19,7 @@
 #   TORCHRUN         torchrun executable (default: torchrun on PATH)
 #   PYTHON           interpreter used to count GPUs (default: the python next to torchrun)
 #   TORCHRUN_ARGS    extra torchrun flags, split on spaces (e.g. "--max-restarts 3")
+#   TORCH_ELASTIC_SHUTDOWN_TIMEOUT  seconds torchrun gives the ranks after a SIGTERM (default here 300)
 #   DRY_RUN=1        print the command and exit
 # gloo/nccl: the engine picks gloo on CPU and NCCL on GPU. Set GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME
 # to the interface the nodes reach each other on when the hostname resolves to another one.
@@ -33,6 +34,10 @@ if [[ -z ${NPROC_PER_NODE:-} ]]; then
     gpus=$(count_gpus)
     NPROC_PER_NODE=$(( gpus > 0 ? gpus : 2 ))
 fi
+
+# On SIGTERM (a preemption, the time limit) torchrun forwards it to the ranks, which checkpoint at the
+# next step boundary, and kills them after this many seconds (torch's default, 30 s, is short of a save).
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}
 
 cmd=("$torchrun" --nproc-per-node "$NPROC_PER_NODE")
 if [[ -n ${NNODES:-} || -n ${RDZV_ENDPOINT:-} ]]; then

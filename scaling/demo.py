@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -120,12 +121,16 @@ def main(argv: list[str] | None = None) -> int:
         overrides, info = build_data(data_name, workdir / "data" / data_name)
         t_data = time.perf_counter() - t0
         engine = engines.get(modality, "fsdp")
+        ckpt_dir = workdir / "checkpoints" / modality
+        if ckpt_dir.exists():  # every demo run starts fresh; resume=never refuses a folder with checkpoints
+            print(f"[demo] {modality}: removing the previous demo run's checkpoints in {ckpt_dir}", flush=True)
+            shutil.rmtree(ckpt_dir)
         # One DataLoader worker per rank: decoding overlaps the step (the tiny recipes keep 0 for tests).
-        overrides += [f"engine.name={engine}", "data.num_workers=1", f"checkpoint.dir={workdir}/checkpoints/{modality}",
+        overrides += [f"engine.name={engine}", "data.num_workers=1", f"checkpoint.dir={ckpt_dir}",
                       "checkpoint.resume=never", f"tracking.uri={uri}", f"tracking.experiment=scaling-demo-{modality}",
                       *args.overrides]
         launch(RECIPES / recipe, overrides, args.nproc)
-        run_id, checkpoint, run_uri = finished_run(workdir / "checkpoints" / modality)
+        run_id, checkpoint, run_uri = finished_run(ckpt_dir)
         t_train = time.perf_counter() - t0 - t_data
         probes[modality] = probe_pair(str(checkpoint), info, run_uri)
         try:

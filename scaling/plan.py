@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -55,7 +56,11 @@ class BatchPlan:
         return int(self.global_batch)
 
     @classmethod
-    def from_config(cls, cfg: TrainConfig, world_size: int, sample_rate: int = 16000) -> "BatchPlan":
+    def from_config(cls, cfg: TrainConfig, world_size: int, sample_rate: int = 16000, *,
+                    warn: bool = True) -> "BatchPlan":
+        """The split of ``cfg``'s global batch on ``world_size`` ranks. A micro-batch well under
+        ``train.micro_batch_size`` (see :meth:`small_micro_batch`) is a ``UserWarning`` unless ``warn``
+        is False (:func:`resolve` reports it as a plan note instead, printed once by rank 0)."""
         if world_size < 1:
             raise ValueError(f"the world size must be at least 1, got {world_size}")
         if cfg.global_batch_seconds > 0:
@@ -71,7 +76,25 @@ class BatchPlan:
         micro = min(cfg.micro_batch_size, per_rank)
         while per_rank % micro:
             micro -= 1
-        return cls(batch, "samples", micro, per_rank // micro, world_size)
+        plan = cls(batch, "samples", micro, per_rank // micro, world_size)
+        message = plan.small_micro_batch(cfg.micro_batch_size)
+        if warn and message:
+            warnings.warn(message, stacklevel=2)
+        return plan
+
+    def small_micro_batch(self, asked: int) -> Optional[str]:
+        """Why the micro-batch is less than half of ``asked`` (train.micro_batch_size) while accumulation
+        makes up the step (more, smaller passes than asked for), and which global batches split evenly;
+        None when it is not. A share that fits one micro-batch (accumulation 1) costs nothing."""
+        if self.by_audio or self.accumulation == 1 or 2 * self.micro_batch_size >= asked:
+            return None
+        per_rank = self.global_batch_size // self.world_size
+        return (f"micro-batch {self.micro_batch_size} x accumulation {self.accumulation} per rank, well under "
+                f"train.micro_batch_size ({asked}): train.global_batch_size {self.global_batch_size} on "
+                f"{self.world_size} ranks is {per_rank} samples per rank, which no size from "
+                f"{self.micro_batch_size + 1} to {asked} divides; train.global_batch_size "
+                f"{_even_batches(self.global_batch_size, self.world_size, asked)} would split evenly into "
+                f"micro-batches of {asked} on {self.world_size} ranks")
 
     def __str__(self) -> str:
         if self.by_audio:
@@ -95,6 +118,14 @@ def _alternatives(batch: int, world: int) -> str:
     lower, upper = (batch // world) * world, (batch // world + 1) * world
     batches = " or ".join(str(b) for b in (lower, upper) if b > 0)
     return f"world sizes that divide it: {sizes}; or, on {world} ranks, train.global_batch_size {batches}"
+
+
+def _even_batches(batch: int, world: int, micro: int) -> str:
+    """The global batches nearest to ``batch`` that ``world`` ranks split into whole micro-batches of ``micro``."""
+    step = world * micro
+    lower = batch // step * step
+    assert 0 < lower < batch, "asked only when the per-rank share exceeds micro and micro does not divide it"
+    return f"{lower} or {lower + step}"
 
 
 def _tokens_per_sample(recipe: Recipe) -> float:
@@ -262,7 +293,7 @@ def _shard_words(spec: str, num_shards: int, num_samples: Optional[int]) -> str:
 def resolve(recipe: Recipe, world_size: int, *, read_data: bool = True) -> Plan:
     """The plan of ``recipe`` on ``world_size`` ranks (ValueError when the batch cannot be split)."""
     t = recipe.train
-    batch = BatchPlan.from_config(t, world_size, recipe.data.speech.sample_rate)
+    batch = BatchPlan.from_config(t, world_size, recipe.data.speech.sample_rate, warn=False)
     if batch.by_audio and batch.micro_batch_audio_samples < recipe.data.speech.max_samples:
         crop_s = recipe.data.speech.max_samples / recipe.data.speech.sample_rate
         if t.micro_batch_seconds < crop_s:
@@ -286,10 +317,9 @@ def resolve(recipe: Recipe, world_size: int, *, read_data: bool = True) -> Plan:
         else:
             notes.append(f"the global batch ({batch.global_batch:g}) is not train.reference_batch ({reference:g}) "
                          "and optim.lr_scaling is none: the peak LR is kept")
-    if not batch.by_audio and batch.micro_batch_size < t.micro_batch_size / 2 and batch.accumulation > 1:
-        notes.append(f"micro-batch {batch.micro_batch_size} is well under train.micro_batch_size "
-                     f"({t.micro_batch_size}): no larger size divides the per-rank share "
-                     f"({int(batch.global_batch) // world_size})")
+    small_micro = batch.small_micro_batch(t.micro_batch_size)
+    if small_micro:
+        notes.append(small_micro)
     data, samples = describe_data(recipe) if read_data else (recipe.data.train_shards, None)
     return Plan(batch=batch, recipe=recipe, reference_batch=reference, lr=lr,
                 max_steps=_scale_steps(t.max_steps, factor),

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scaling.checkpoint import (Checkpointer, NonFiniteStateError, check_resume, checkpoint_step, find_latest,
-                                resume_path)
+from scaling.checkpoint import (Checkpointer, CheckpointWriteError, NonFiniteStateError, check_resume,
+                                checkpoint_step, find_latest, resume_path)
 from scaling.config import Recipe, load_recipe
 from scaling.convert import initial_weights, load_initial_weights
 from scaling.data import build_loader
@@ -25,7 +25,7 @@ from scaling.models import build_model
 from scaling.plan import resolve
 from scaling.teacher import EMATeacher
 from scaling.tracking import Tracker, record_run, summary_lines
-from scaling.trainer import CollapseError, StepStats, Trainer
+from scaling.trainer import CollapseError, DivergenceError, StepStats, Trainer
 
 log = logging.getLogger("scaling")
 
@@ -113,7 +113,8 @@ def run(recipe: Recipe, *, stop_at_step: int | None = None, gather_state: bool =
                               max_batch_audio_samples=plan.micro_batch_audio_samples, device=engine.device)
         cleanup.callback(loader.close)  # DataLoader workers stop here, before the engine's process group
         planned = planned.with_loader(loader)
-        checkpointer = Checkpointer(recipe.checkpoint, engine, recipe)
+        checkpointer = Checkpointer(recipe.checkpoint, engine, recipe)  # this job's checkpoint.dir from here on
+        cleanup.callback(checkpointer.close)
 
         start_step, run_id = 0, None
         if resume_from is not None:
@@ -138,7 +139,8 @@ def run(recipe: Recipe, *, stop_at_step: int | None = None, gather_state: bool =
             tracker.set_tags({f"warning.resume_step_{start_step}": " / ".join(resume_warnings)})
         trainer = Trainer(train_cfg=recipe.train, objective_cfg=recipe.objective, ema_cfg=recipe.ema,
                           monitor_cfg=recipe.monitor, plan=plan, engine=engine,
-                          loader=loader, tracker=tracker, checkpointer=checkpointer, model_cfg=recipe.model)
+                          loader=loader, tracker=tracker, checkpointer=checkpointer, model_cfg=recipe.model,
+                          seed=recipe.seed)
         if engine.rank == 0:
             print(f"[scaling] {recipe.model.modality}: {plan}; engine {recipe.engine.name}; "
                   f"steps {start_step}->{min(recipe.train.max_steps, stop_at_step or recipe.train.max_steps)}",
@@ -179,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
                 resolve(recipe, args.world_size, read_data=False)
             return 0
         result = run(recipe, stop_at_step=args.stop_at_step, recipe_path=args.recipe)
-    except (ValueError, NonFiniteStateError, CollapseError, BadDataError) as exn:
+    except (ValueError, NonFiniteStateError, CheckpointWriteError, CollapseError, DivergenceError,
+            BadDataError) as exn:
         # User errors (recipe, checkpoint, numbers) and run failures the run already explained: one
         # line from rank 0, no traceback; every rank exits with the same code.
         log.debug("run failed", exc_info=True)

@@ -18,8 +18,12 @@ EPS = 1e-7  # the paper's epsilon
 
 @torch.no_grad()
 def effective_rank(x_ND: torch.Tensor, eps: float = EPS) -> float:
-    """RankMe of the rows of ``x_ND`` (computed in float64; NaN for an empty or all-zero input)."""
-    s = torch.linalg.svdvals(x_ND.detach().reshape(-1, x_ND.shape[-1]).double())
+    """RankMe of the rows of ``x_ND`` (computed in float64; NaN for an empty, all-zero or non-finite input:
+    a step with a non-finite loss is skipped and reported, not crashed on here)."""
+    x = x_ND.detach().reshape(-1, x_ND.shape[-1]).double()
+    if not bool(torch.isfinite(x).all()):
+        return float("nan")
+    s = torch.linalg.svdvals(x)
     total = s.sum()
     if s.numel() == 0 or not bool(total > 0):
         return float("nan")

@@ -4,7 +4,8 @@ Where: ``MLFLOW_TRACKING_URI`` when it is set, else ``tracking.uri`` (default
 ``sqlite:///mlruns.db``). The environment wins so that a cluster can point every job at its
 server without editing recipes (MLflow's own convention for the variable). A relative SQLite path
 is made absolute before use, so the printed ``mlflow ui`` hint works from any directory; a SQLite
-store keeps its artifacts in ``mlartifacts/`` beside the database.
+store keeps its artifacts in ``mlartifacts/`` beside the database. Jobs that start at once on one
+fresh SQLite store take turns creating it (:func:`store_lock`).
 
 What (docs/tracking.md has the full list):
 
@@ -25,6 +26,7 @@ recorded as tags ``resume/<step>/<key>`` = ``"old -> new"`` and as ``resume/step
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -76,6 +78,32 @@ def set_tracking_uri(uri: str) -> None:
         os.environ["MLFLOW_TRACKING_URI"] = user
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a SQLite store URI (None for other stores and in-memory ones)."""
+    if not uri.startswith("sqlite:"):
+        return None
+    path = urlparse(uri).path[1:] if uri.startswith("sqlite:///") else urlparse(uri).path
+    return Path(path) if path and path != ":memory:" else None
+
+
+@contextlib.contextmanager
+def store_lock(uri: str):
+    """Around the first use of a store by this process: a fresh SQLite store is created by MLflow's
+    schema migrations, which two processes running at once collide in (``sqlite3.OperationalError:
+    duplicate column name``), and two first runs would both create the experiment. Under an exclusive
+    lock on ``<database>.lock``, the second finds the store and the experiment made. Other stores
+    (servers, databases) serialise this themselves."""
+    db = sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    from scaling.checkpoint.lock import exclusive
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(db.with_name(db.name + ".lock")):
+        yield
+
+
 def artifact_root(uri: str) -> str | None:
     """Artifacts live next to a SQLite store; other stores keep their own default."""
     if not uri.startswith("sqlite:"):
@@ -124,6 +152,8 @@ def run_record(recipe: Recipe, summary: dict, *, tracker: "Tracker", checkpoint:
     segment; ``previous``: the run.json already there, whose segments a resumed run continues."""
     segment = {k: summary[k] for k in ("start_step", "step", "wall_time_s", "samples", "tokens")}
     segment["world_size"] = world_size
+    # Fault handling (scaling/trainer.py): steps skipped for non-finite values, the step a signal stopped at.
+    segment.update({k: summary[k] for k in ("skipped_steps", "skipped", "preempted_at") if k in summary})
     segments = []
     if previous and summary["start_step"] > 0 and previous.get("mlflow", {}).get("run_id") == tracker.run_id:
         segments = [s for s in previous.get("segments", []) if s.get("step", 0) <= summary["start_step"]]
@@ -224,10 +254,11 @@ class Tracker:
         import mlflow
 
         set_tracking_uri(self.uri)
-        experiment = mlflow.get_experiment_by_name(self.cfg.experiment)
-        if experiment is None:
-            mlflow.create_experiment(self.cfg.experiment, artifact_location=artifact_root(self.uri))
-        self.experiment_id = mlflow.set_experiment(self.cfg.experiment).experiment_id
+        with store_lock(self.uri):
+            experiment = mlflow.get_experiment_by_name(self.cfg.experiment)
+            if experiment is None:
+                mlflow.create_experiment(self.cfg.experiment, artifact_location=artifact_root(self.uri))
+            self.experiment_id = mlflow.set_experiment(self.cfg.experiment).experiment_id
         system = self.cfg.system_metrics_every_s > 0
         if system:
             # MLflow's default (10 s, one sample per point) leaves a short run with no system metric.

@@ -7,18 +7,34 @@ line to the ``scaling.trainer`` logger (step, loss, LR, grad norm, samples/s and
 wait, peak memory, ETA), and the same step's metrics go to MLflow. The tqdm bar is drawn only when
 stderr is a terminal, so a batch job's log holds those lines and no bar fragments.
 
-No host sync in a step: the masked count, the loss, the grad norm and every logged statistic stay
-on the device (:class:`StepRecord`); on log steps :meth:`Trainer.read` reads the window of steps
-since the last one with one float64 all-reduce and one copy to the host, so a GPU is never made to
-drain its queue in between. The collapse guard and the bad-data stop act on log steps, from values
-that every rank reads alike, so every rank stops at the same step. ``train.log_every`` is therefore
-also how often the host waits for the device.
+One host sync in a step, the engine's: before its optimizer step it reads two all-reduced flags
+(whether to skip the step, whether a rank was signalled to stop; ``Engine.step``), as fairseq and
+DeepSpeed read the gradient norm. Everything else, the masked count, the loss, the grad norm and
+every logged statistic, stays on the device (:class:`StepRecord`); on log steps :meth:`Trainer.read`
+reads the window of steps since the last one with one float64 all-reduce and one copy to the host.
+The collapse guard and the bad-data stop act on log steps, from values that every rank reads alike,
+so every rank stops at the same step.
 
 Throughput is counted, not planned: each micro-batch contributes its rows, its real (non-padded)
 encoder positions and its model FLOPs (:mod:`scaling.flops`), counted from the CPU batch and summed
 over ranks in the log step's all-reduce, so batches of varying size (length-bucketed speech) are
 counted as they are. The same collective carries each rank's peak memory and rank 0's RankMe
 effective rank (:mod:`scaling.rankme`) of the teacher targets and of the student's predictions.
+
+Faults (docs: the engine's ``step`` in scaling/engines/base.py):
+- A step whose loss or gradient norm is not finite on any rank is skipped on every rank: no optimizer
+  step, no LR-scheduler step (fairseq and DeepSpeed skip both on overflow), no EMA update; the step
+  counter, the data position and the EMA decay schedule move on. Skips are logged (a warning each),
+  counted (``train/skipped_steps`` in MLflow, ``skipped_steps`` in run.json and in the step stats), and
+  ``train.max_skipped_steps`` consecutive ones stop the run with a checkpoint (of the last good
+  weights, at the current data position) and :class:`DivergenceError`. Deciding before the optimizer
+  step needs the step's one host read (Engine.step), also what carries the preemption flag.
+- SIGTERM / SIGUSR1 (a preemption, or SLURM's warning before the time limit) only set a flag; the
+  flag rides in that same MAX all-reduce, so every rank sees it at the same step boundary, saves
+  that step's checkpoint and returns: ``scaling-pretrain`` exits 0 and a requeued job resumes there.
+- LayerDrop draws from a generator seeded per step from ``(seed, step)``, like the masks (docs:
+  :func:`layerdrop_seed`), so every rank drops the same blocks and a resumed run the same as an
+  uninterrupted one. Dropout and drop-path draw from torch's RNG, per rank, saved in checkpoints.
 """
 
 from __future__ import annotations
@@ -27,9 +43,12 @@ import datetime
 import logging
 import math
 import resource
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -40,6 +59,7 @@ from scaling.data.device import to_device
 from scaling.data.quality import BAD_KINDS, SHARD_EVENTS, STAT_NAMES
 from scaling.engines import Engine
 from scaling.flops import batch_counts, peak_flops
+from scaling.masking import sample_rng
 from scaling.objective import make_targets, regression_loss, std_from_stats, variance_stats
 from scaling.plan import BatchPlan
 from scaling.rankme import effective_rank
@@ -53,6 +73,48 @@ class CollapseError(RuntimeError):
     """The collapse guard fired (docs/data2vec.md §1.3); a checkpoint was written first."""
 
 
+class DivergenceError(RuntimeError):
+    """``train.max_skipped_steps`` consecutive steps had a non-finite loss or gradient norm; a
+    checkpoint of the last good state was written first."""
+
+
+# A key of its own among the seed streams (masks: (seed, epoch, sample), ...): "LD".
+_LAYERDROP_STREAM = 0x4C44
+
+
+def layerdrop_seed(seed: int, step: int) -> int:
+    """The LayerDrop seed of optimizer step ``step`` (0-based) of a run with ``seed``: a function of
+    the two alone, the same on every rank (FSDP/ZeRO-3 need every rank to run the same blocks, DDP
+    the same unused parameters) and in a resumed run, so no generator state needs saving."""
+    return int(sample_rng(seed, _LAYERDROP_STREAM, step).integers(2**63))
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR1 ask the run to stop at the next step boundary. The handler only records the
+    signal (Python runs it between bytecodes of the main thread, so a collective in flight finishes);
+    the loop hands the flag to ``Engine.step``, whose all-reduce (MAX) makes every rank stop at the same
+    step. Installed for the training loop only (main thread; elsewhere signals keep their handlers)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def _handler(self, signum, frame) -> None:
+        self.received = signum
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+
 @dataclass
 class StepStats:
     """One optimizer step as read on the host. Every step has loss, masked count, grad norm and the
@@ -60,6 +122,7 @@ class StepStats:
     loss: float
     num_masked: int
     grad_norm: float
+    skipped: bool = False  # no optimizer, LR or EMA step (non-finite loss or gradient norm, fp16 overflow)
     # Counted over the global batch: rows, real (non-padded) encoder positions, model FLOPs (scaling.flops).
     samples: int = 0
     tokens: int = 0
@@ -84,6 +147,9 @@ class StepRecord:
     counts: tuple[float, float, float]  # this rank's rows, real positions, FLOPs (from the CPU batches)
     # Log steps: [target | pred | local-encoder variance stats | RankMe (2) | peak memory per rank], to be summed.
     measured: torch.Tensor | None = None
+    applied: bool = True  # the engine took the optimizer step (False: skipped, Engine.step)
+    stop: bool = False  # some rank was signalled to stop: every rank saves and returns after this step
+    loss_scale: float | None = None  # fp16 dynamic loss scale after the step
 
 
 def host_stage(batch: dict, device: torch.device) -> dict:
@@ -154,8 +220,9 @@ def _gib(n: float) -> str:
 class Trainer:
     def __init__(self, *, train_cfg: TrainConfig, objective_cfg: ObjectiveConfig, ema_cfg: EMAConfig,
                  monitor_cfg: MonitorConfig, plan: BatchPlan, engine: Engine, loader, tracker: Tracker,
-                 checkpointer: Checkpointer, model_cfg: ModelConfig):
+                 checkpointer: Checkpointer, model_cfg: ModelConfig, seed: int = 0):
         self.train_cfg = train_cfg
+        self.seed = seed  # the recipe's: LayerDrop's per-step seeds (layerdrop_seed)
         self.model_cfg = model_cfg  # FLOPs and positions per micro-batch (scaling.flops)
         self.objective_cfg = objective_cfg
         self.ema_cfg = ema_cfg
@@ -172,14 +239,24 @@ class Trainer:
         self._peak: tuple[float, str] | None = None  # (peak FLOP/s of one device, its name); None: no MFU
         self._start_step = 0
         self._wall = 0.0  # seconds of this run's loop so far
+        self.skipped_steps: list[int] = []  # steps skipped in this run segment (1-based step numbers)
+        self._consecutive_skips = 0
+        self._last_applied = 0  # the last step whose update was applied (the state a divergence stop saves)
+        self.preempted_at: int | None = None  # the step a stop signal ended this segment at
+        self._layerdrop_modules: list | None = None
+        self._loss_scale = float("nan")  # fp16: the dynamic loss scale after the last step
 
     # ------------------------------------------------------------------ one optimizer step
-    def train_step(self, micro_batches: list[dict], *, measure: bool = False) -> StepRecord:
-        """One optimizer step over this rank's CPU ``micro_batches``, with no host sync: what it returns
-        stays on the device until :meth:`read`. ``measure`` (log steps, the same on every rank): also the
-        variance statistics, RankMe and peak memory."""
+    def train_step(self, micro_batches: list[dict], *, measure: bool = False,
+                   stop: Callable[[], bool] | None = None) -> StepRecord:
+        """One optimizer step over this rank's CPU ``micro_batches``. The values it returns stay on the
+        device until :meth:`read`; the one host read is the engine's skip/stop decision (Engine.step).
+        ``measure`` (log steps, the same on every rank): also the variance statistics, RankMe and peak
+        memory. ``stop()``: whether this rank was signalled to stop, asked just before the optimizer step (so
+        a signal during this step's forward and backward stops after this step; Engine.step agrees it)."""
         engine, obj = self.engine, self.objective_cfg
         engine.model.train()
+        self._seed_layerdrop(self.step)
         # Host side (CPU batches, before they move): rows, real positions, FLOPs; masked-row indices.
         counts = [batch_counts(self.model_cfg, b) for b in micro_batches]
         batches = [to_device(host_stage(b, engine.device), engine.device) for b in micro_batches]
@@ -218,9 +295,11 @@ class Trainer:
                 stats = part if stats is None else stats + part
                 last_rows = (target_ND.detach(), out.pred_ND.detach())
 
-        grad_norm = engine.step()
-        teacher_tensors, student_tensors = engine.ema_tensors()
-        EMATeacher.update(teacher_tensors, student_tensors, ema_decay(self.ema_cfg, self.step))
+        result = engine.step(loss_total, stop=stop is not None and stop())
+        grad_norm = result.grad_norm
+        if result.applied:  # a skipped step leaves the student as it was: the teacher stays too
+            teacher_tensors, student_tensors = engine.ema_tensors()
+            EMATeacher.update(teacher_tensors, student_tensors, ema_decay(self.ema_cfg, self.step))
 
         measured = None
         if measure:
@@ -234,17 +313,27 @@ class Trainer:
             measured = torch.cat([stats.double(), ranks.to(engine.device), peaks.to(engine.device)])
         scalars = torch.stack([loss_total, num_masked, grad_norm.to(engine.device, torch.float64).reshape(())])
         total = tuple(float(sum(c[i] for c in counts)) for i in range(3))
-        return StepRecord(scalars, total, measured)
+        return StepRecord(scalars, total, measured, applied=result.applied, stop=result.stop,
+                          loss_scale=result.loss_scale)
+
+    def _seed_layerdrop(self, step: int) -> None:
+        """Reseed every module that draws LayerDrop decisions (``set_layerdrop_seed``) for this step."""
+        if self._layerdrop_modules is None:  # engine.model may wrap the student (DDP, DeepSpeed): search it
+            self._layerdrop_modules = [m for m in self.engine.model.modules() if hasattr(m, "set_layerdrop_seed")]
+        for m in self._layerdrop_modules:
+            m.set_layerdrop_seed(layerdrop_seed(self.seed, step))
 
     def read(self, records: list[StepRecord], data_stats: torch.Tensor) -> list[StepStats]:
-        """The host's view of a window of steps (the last one measured): one all-reduce of everything that
-        sums over ranks, one copy to the host. Every rank gets the same values, so every rank's collapse
-        guard and bad-data stop act on the same step. ``data_stats``: this rank's data counters (float64).
-        Every rank calls."""
+        """The host's view of a window of steps (the last one measured, except at a stop signal): one
+        all-reduce of everything that sums over ranks, one copy to the host. Every rank gets the same
+        values, so every rank's collapse guard and bad-data stop act on the same step. ``data_stats``:
+        this rank's data counters (float64). Every rank calls."""
         engine = self.engine
         S = len(records)
         measured = records[-1].measured
-        assert measured is not None, "the last step of a window is a measured (log) step"
+        assert measured is not None or records[-1].stop, "the last step of a window is a measured (log) step"
+        if measured is None:  # a stop between log steps: the window is read without the measured values
+            measured = torch.zeros(0, dtype=torch.float64, device=engine.device)
         scalars = torch.stack([r.scalars for r in records])  # [S, 3]
         counts = torch.tensor([r.counts for r in records], dtype=torch.float64)  # [S, 3]
         summed = [scalars[:, 0], counts.flatten().to(engine.device), data_stats.to(engine.device), measured]
@@ -252,8 +341,6 @@ class Trainer:
         host = torch.cat([engine.all_reduce_sum(torch.cat(summed)), scalars[:, 1:].flatten()]).cpu()
         losses, counts, data, measured, rest = host.split([S, 3 * S, data_stats.numel(), measured.numel(), 2 * S])
         counts, rest = counts.view(S, 3).tolist(), rest.view(S, 2).tolist()
-        n = (measured.numel() - 2 - engine.world_size) // 3  # one variance_stats vector: 1 + 2 * model dim
-        target_stats, pred_stats, local_stats, ranks, peaks = measured.split([n, n, n, 2, engine.world_size])
         out = []
         for i, (loss_sum, (samples, tokens, flops), (num_masked, grad_norm)) in enumerate(
                 zip(losses.tolist(), counts, rest)):
@@ -261,19 +348,23 @@ class Trainer:
                 raise RuntimeError(f"step {self.step - S + i + 1}: no masked position in the global batch; "
                                    "check the masking section")
             out.append(StepStats(loss=loss_sum / num_masked, num_masked=int(num_masked), grad_norm=grad_norm,
-                                 samples=int(samples), tokens=int(tokens), flops=flops))
+                                 skipped=not records[i].applied, samples=int(samples), tokens=int(tokens),
+                                 flops=flops))
         last = out[-1]
-        last.target_var = std_from_stats(target_stats)
-        last.pred_var = std_from_stats(pred_stats)
-        last.local_var = std_from_stats(local_stats)  # NaN where the modality has no local encoder
         last.data = dict(zip(STAT_NAMES, data.tolist()))
-        last.target_rank, last.student_rank = ranks.tolist()
-        last.peak_memory_bytes = float(peaks.max())
+        if measured.numel():
+            n = (measured.numel() - 2 - engine.world_size) // 3  # one variance_stats vector: 1 + 2 * model dim
+            target_stats, pred_stats, local_stats, ranks, peaks = measured.split([n, n, n, 2, engine.world_size])
+            last.target_var = std_from_stats(target_stats)
+            last.pred_var = std_from_stats(pred_stats)
+            last.local_var = std_from_stats(local_stats)  # NaN where the modality has no local encoder
+            last.target_rank, last.student_rank = ranks.tolist()
+            last.peak_memory_bytes = float(peaks.max())
         return out
 
     # ------------------------------------------------------------------ the loop
     def run(self, *, start_step: int = 0, stop_at_step: int | None = None) -> list[StepStats]:
-        self.step = self._start_step = start_step
+        self.step = self._start_step = self._last_applied = start_step
         last = min(self.train_cfg.max_steps, stop_at_step or self.train_cfg.max_steps)
         rank0 = self.engine.rank == 0
         # A bar only on a terminal: in a batch job's log it is fragments; the log lines say the same.
@@ -288,36 +379,95 @@ class Trainer:
         t_start = time.perf_counter()
         window = [0.0, 0.0]  # seconds and data-wait seconds since the last log step
         pending: list[StepRecord] = []  # steps since the last log step, unread
-        while self.step < last:
-            t0 = time.perf_counter()
-            micro_batches = [next(self.loader) for _ in range(self.plan.accumulation)]
-            t_data = time.perf_counter() - t0
-            log_step = (self.step + 1) % self.train_cfg.log_every == 0 or self.step + 1 == last
-            pending.append(self.train_step(micro_batches, measure=log_step))
-            self.step += 1
-            if self.step == start_step + 1:  # optimizer state exists from the first step on
-                self._log_memory()
-            if log_step:  # the only host reads of the loop: one per log step
-                steps = self.read(pending, self.loader.stats())
-                pending = []
-                self.history.extend(steps)
-            window = [window[0] + time.perf_counter() - t0, window[1] + t_data]
-            self._wall = time.perf_counter() - t_start
-            bar.update(1)
-            if log_step:
-                stats = steps[-1]
-                bar.set_postfix(loss=f"{stats.loss:.4f}", tvar=f"{stats.target_var:.3f}")
-                # Every rank sees the same job-wide counts, so all stop at the same step (no hung collective).
-                self.loader.check_bad_fraction(stats.data)
-                # Throughput and data wait are means over the steps since the last log step.
-                self._log_step(stats, steps, *window, last)
-                window = [0.0, 0.0]
-                self._check_collapse(stats)
-            if self.step % self.checkpointer.cfg.every_steps == 0 or self.step == last:
-                self.save()
-            self._wall = time.perf_counter() - t_start
+        with StopSignals() as signals:
+            while self.step < last:
+                t0 = time.perf_counter()
+                micro_batches = [next(self.loader) for _ in range(self.plan.accumulation)]
+                t_data = time.perf_counter() - t0
+                log_step = (self.step + 1) % self.train_cfg.log_every == 0 or self.step + 1 == last
+                record = self.train_step(micro_batches, measure=log_step, stop=lambda: signals.received is not None)
+                pending.append(record)
+                self.step += 1
+                self._count_skip(record)
+                if self.step == start_step + 1:  # optimizer state exists from the first step on
+                    self._log_memory()
+                read = log_step or record.stop  # the only host reads besides Engine.step's flags
+                if read:
+                    steps = self.read(pending, self.loader.stats())
+                    pending = []
+                    self.history.extend(steps)
+                window = [window[0] + time.perf_counter() - t0, window[1] + t_data]
+                self._wall = time.perf_counter() - t_start
+                bar.update(1)
+                if read:
+                    stats = steps[-1]
+                    bar.set_postfix(loss=f"{stats.loss:.4f}", tvar=f"{stats.target_var:.3f}")
+                    # Every rank sees the same job-wide counts, so all stop at the same step (no hung collective).
+                    self.loader.check_bad_fraction(stats.data)
+                    # Throughput and data wait are means over the steps since the last log step.
+                    self._log_step(stats, steps, *window, last)
+                    window = [0.0, 0.0]
+                    if log_step:
+                        self._check_collapse(stats)
+                self._check_skip_limit()
+                if record.stop:
+                    self._stop_for_signal(signals.received)
+                    break
+                if self.step % self.checkpointer.cfg.every_steps == 0 or self.step == last:
+                    self.save()
+                self._wall = time.perf_counter() - t_start
         bar.close()
         return self.history
+
+    def _count_skip(self, record: StepRecord) -> None:
+        """Book a step's skip (every rank alike: the flags are agreed) and warn about it."""
+        if record.loss_scale is not None:
+            self._loss_scale = record.loss_scale
+        if record.applied:
+            self._consecutive_skips = 0
+            self._last_applied = self.step
+            return
+        self.skipped_steps.append(self.step)
+        self._consecutive_skips += 1
+        limit = self.train_cfg.max_skipped_steps
+        scale = f"; fp16 loss scale now {record.loss_scale:g}" if record.loss_scale is not None else ""
+        if self.engine.rank == 0:
+            log.warning("step %d skipped: non-finite loss or gradient norm on some rank (no optimizer, LR or EMA "
+                        "step; %d in a row, train.max_skipped_steps %d)%s", self.step, self._consecutive_skips,
+                        limit, scale)
+            if record.loss_scale is not None and record.loss_scale <= 1.0:
+                log.warning("step %d: the fp16 loss scale is down to %g: the gradients overflow at any scale "
+                            "(loss-scale underflow); use bf16, lower optim.lr or set optim.grad_clip",
+                            self.step, record.loss_scale)
+
+    def _check_skip_limit(self) -> None:
+        """``train.max_skipped_steps`` consecutive skips stop the run with a checkpoint of the last good
+        state (skipped steps change no weight, no optimizer state and no teacher)."""
+        limit = self.train_cfg.max_skipped_steps
+        if self._consecutive_skips < limit:
+            return
+        first = self.step - self._consecutive_skips + 1
+        try:
+            path = self.save()
+            self.checkpointer.wait()
+            saved = f"Checkpoint written to {path} (the weights of step {self._last_applied}, the last good one)."
+        except NonFiniteStateError as exn:
+            saved = str(exn)
+        raise DivergenceError(
+            f"step {self.step}: {self._consecutive_skips} consecutive steps ({first}-{self.step}) had a non-finite "
+            f"loss or gradient norm and were skipped (train.max_skipped_steps={limit}). {saved} Lower optim.lr, "
+            "set optim.grad_clip, use bf16 instead of fp16, or check the data of these steps.")
+
+    def _stop_for_signal(self, signum: int | None) -> None:
+        """A stop signal reached some rank: every rank saves this step and the loop ends."""
+        path = self.save()
+        self.checkpointer.wait()
+        self.preempted_at = self.step
+        if self.engine.rank == 0:
+            what = signal.Signals(signum).name if signum is not None else "a signal on another rank"
+            log.warning("stopped by %s after step %d: checkpoint %s written; rerun the same command "
+                        "(checkpoint.resume=auto) to continue from it", what, self.step, path)
+            self.tracker.set_tags({"preempted_at_step": str(self.step)})
 
     def _mfu(self, flops: float, seconds: float) -> float | None:
         if self._peak is None or seconds <= 0:
@@ -341,6 +491,9 @@ class Trainer:
             "rank/target": stats.target_rank, "rank/student": stats.student_rank,
             "data/epoch": self.loader.epoch, "data/wait_s": t_data / len(steps), "data/wait_share": t_data / dt,
             "memory/peak_bytes": stats.peak_memory_bytes,
+            # This run segment's skipped steps so far (each is also a warning line with its step).
+            "train/skipped_steps": float(len(self.skipped_steps)),
+            "train/loss_scale": self._loss_scale,
             **data_metrics(stats.data, self._seen_bad),
         }
         if mfu is not None:
@@ -375,7 +528,11 @@ class Trainer:
         return {"start_step": self._start_step, "step": self.step, "wall_time_s": wall, "samples": samples,
                 "tokens": tokens, "samples_per_s": samples / wall if wall else None,
                 "tokens_per_s": tokens / wall if wall else None, "mfu": self._mfu(flops, wall),
-                "peak_memory_bytes": max(peaks) if peaks else None, "final": final}
+                "peak_memory_bytes": max(peaks) if peaks else None, "final": final,
+                # Steps skipped for a non-finite loss or gradient norm (their numbers), and the step a
+                # stop signal ended this segment at (None: it ran to its end).
+                "skipped_steps": len(self.skipped_steps), "skipped": list(self.skipped_steps),
+                "preempted_at": self.preempted_at}
 
     def save(self):
         return self.checkpointer.save(self.step, {
@@ -398,7 +555,7 @@ class Trainer:
         if self.step <= m.after_steps:
             return
         problems = []
-        if not math.isfinite(stats.loss):
+        if not math.isfinite(stats.loss) and not stats.skipped:  # skipped steps: _count_skip's limit
             problems.append(f"loss is {stats.loss}")
         if stats.target_var < m.min_target_var:
             problems.append(f"target_var {stats.target_var:.4g} < monitor.min_target_var {m.min_target_var}")

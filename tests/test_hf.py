@@ -14,7 +14,7 @@ import sentencepiece as spm
 import torch
 from transformers import AutoConfig, AutoFeatureExtractor, AutoImageProcessor, AutoModel, AutoTokenizer
 
-from scaling.config import load_recipe, recipe_from_dict
+from scaling.config import TextDataConfig, load_recipe, recipe_from_dict
 from scaling.data.build import train_tokenizer
 from scaling.modalities import build_processor
 from scaling.hf import export_pretrained, import_pretrained
@@ -191,7 +191,9 @@ def test_import_gives_back_the_exported_tensors_and_recipe(exported):
     assert hints == {
         "speech": {"speech": {"sample_rate": d.speech.sample_rate, "normalize": d.speech.normalize}},
         "vision": {"vision": {"mean": d.vision.mean[:C], "std": d.vision.std[:C]}},
-        "text": {"text": {"tokenizer": str(out / "sentencepiece.model")}},
+        # blocks no longer than the model's positions (the import's recipe must validate)
+        "text": {"text": {"block_size": min(TextDataConfig().block_size, recipe.model.text.max_positions),
+                          "tokenizer": str(out / "sentencepiece.model")}},
     }[modality]
 
 
@@ -264,14 +266,18 @@ def save_hf(config, path, seed: int = 3, edit=None):
     return model
 
 
-def recipe_with(section: dict):
-    base = load_recipe(RECIPES / section["modality"] / "tiny.yaml")
-    return recipe_from_dict({**dataclasses.asdict(base), "model": section})
+def recipe_with(section: dict, data_hints: dict | None = None):
+    """The modality's tiny recipe with an imported model section and, as scaling-convert from-hf merges
+    them, the import's data hints."""
+    base = dataclasses.asdict(load_recipe(RECIPES / section["modality"] / "tiny.yaml"))
+    for name, values in (data_hints or {}).items():
+        base["data"][name] = {**base["data"][name], **values}
+    return recipe_from_dict({**base, "model": section})
 
 
 def our_model_from(hf_dir):
-    section, tensors, _ = import_pretrained(hf_dir)
-    recipe = recipe_with(section)
+    section, tensors, hints = import_pretrained(hf_dir)
+    recipe = recipe_with(section, hints)
     model = build_model(recipe.model)
     missing = model.load_state_dict(tensors, strict=False).missing_keys
     assert all(k.startswith("head.") and not k.startswith("head.norm.") for k in missing), missing

@@ -111,7 +111,7 @@ def test_startup_says_what_data_is_read(tmp_path, capsys, monkeypatch, caplog):
     assert code == 0, err
     assert f"[scaling] data: 3 shards, 12 samples from {spec}" in out
     assert "SYNTHETIC" not in out + err + caplog.text
-    code, out, err = _pretrain(tmp_path, "recipes/vision/tiny.yaml", "checkpoint.resume=never", *small,
+    code, out, err = _pretrain(tmp_path, "recipes/vision/tiny.yaml", f"checkpoint.dir={tmp_path}/synthetic", *small,
                                capsys=capsys, monkeypatch=monkeypatch)
     assert code == 0, err
     assert "data: SYNTHETIC random samples (data.train_shards=synthetic)" in caplog.text

@@ -6,6 +6,7 @@
   teacher partitions), written on save, read on resume, and read offline one tensor at a time.
 - ``safe``: nothing read from a checkpoint may run code (restricted unpickling everywhere).
 - ``checkpointer``: the save/resume logic the training loop uses, and the resume compatibility check.
+- ``lock``: one job per ``checkpoint.dir`` (a lock held by rank 0 for the job's life, naming its owner).
 - ``consolidate``: one streamed safetensors file of the student and/or teacher.
 
 Tools read checkpoints only through :func:`open_parts` / :func:`open_part` / :func:`read_state_dict` /
@@ -21,6 +22,7 @@ import torch
 
 from scaling.checkpoint.checkpointer import (
     Checkpointer,
+    CheckpointWriteError,
     NonFiniteStateError,
     check_resume,
     model_changes,
@@ -71,7 +73,7 @@ def read_recipe(checkpoint: str | Path):
 
 
 __all__ = [
-    "CheckpointError", "Checkpointer", "NonFiniteStateError", "FORMAT_VERSION", "TensorInfo", "TensorSource",
+    "CheckpointError", "CheckpointWriteError", "Checkpointer", "NonFiniteStateError", "FORMAT_VERSION", "TensorInfo", "TensorSource",
     "check_resume", "check_intact", "checkpoint_step", "find_latest", "model_changes", "model_shape", "open_part", "open_parts",
     "read_meta", "read_recipe", "read_state_dict", "resolve", "resume_path", "save_weights",
 ]

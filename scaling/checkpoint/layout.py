@@ -10,8 +10,12 @@ A run's ``checkpoint.dir`` holds one directory per saved step::
                             every other file
         COMPLETE            written last: a directory without it is ignored
 
+Beside them: ``run.json`` (scaling/tracking.py) and, while a job runs, ``.lock`` (scaling/checkpoint/lock.py).
+
 Only this module knows these names. A directory is written as ``.tmp_step_XXXXXXXX`` and renamed when
-complete, so a crash mid-save never leaves a directory that resume would pick. A checkpoint whose
+complete (:func:`publish`: its files and folders are fsynced before the rename and the parent after,
+so a machine crash cannot publish a torn checkpoint), so a crash mid-save never leaves a directory
+that resume would pick; the next job on the folder removes it (:func:`remove_leftovers`). A checkpoint whose
 ``meta.json`` does not parse, or whose files do not have the sizes it records (a copy cut short, a
 disk that filled up), is *damaged*: named in a warning and passed over for the previous one.
 """
@@ -20,7 +24,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import shutil
 from pathlib import Path
 
 from scaling.checkpoint.safe import CheckpointError
@@ -31,7 +37,10 @@ FORMAT_VERSION = 2
 COMPLETE = "COMPLETE"
 META = "meta.json"
 RECIPE = "recipe.yaml"
+LOCK = ".lock"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+_TMP_DIR = re.compile(r"^\.tmp_step_(\d{8})$")
+_OLD_DIR = re.compile(r"^\.old_step_(\d{8})$")
 
 
 def step_dir(directory: Path, step: int) -> Path:
@@ -40,6 +49,63 @@ def step_dir(directory: Path, step: int) -> Path:
 
 def tmp_dir(directory: Path, step: int) -> Path:
     return Path(directory) / f".tmp_step_{step:08d}"
+
+
+def _old_dir(final: Path) -> Path:
+    """Where :func:`publish` moves a checkpoint it replaces until the new one is in place."""
+    return final.with_name(f".old_{final.name}")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(root: Path) -> None:
+    """fsync every file and folder under ``root`` (folders after what they hold), and ``root``."""
+    for here, _, files in os.walk(root, topdown=False):
+        for name in files:
+            _fsync(Path(here) / name)
+        _fsync(Path(here))
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Make the finished ``tmp`` the checkpoint ``final``: durable before it is visible, and the
+    rename itself durable after. A checkpoint of the same step already there is replaced."""
+    sync_tree(tmp)
+    old = _old_dir(final)
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    _fsync(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_leftovers(directory: Path) -> list[str]:
+    """Remove what saves that did not complete left in a ``checkpoint.dir`` (only its owner may: call
+    with the folder's lock held): ``.tmp_step_*`` folders, and a checkpoint that :func:`publish` moved
+    aside is put back when its replacement never arrived. Returns what was done, one line each."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    done = []
+    for p in sorted(directory.iterdir()):
+        if _TMP_DIR.match(p.name):
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"removed {p}, left by a save that did not complete")
+        elif _OLD_DIR.match(p.name):
+            final = p.with_name(p.name[len(".old_"):])
+            if final.exists():
+                shutil.rmtree(p, ignore_errors=True)
+                done.append(f"removed {p}, replaced by {final.name}")
+            else:
+                p.rename(final)
+                done.append(f"restored {final} from {p.name} (its replacement was never completed)")
+    return done
 
 
 def train_state_file(ckpt: Path, rank: int) -> Path:
@@ -63,6 +129,11 @@ def manifest(ckpt: Path) -> dict[str, int]:
     ckpt = Path(ckpt)
     return {p.relative_to(ckpt).as_posix(): p.stat().st_size for p in sorted(ckpt.rglob("*"))
             if p.is_file() and p.name not in (META, COMPLETE)}
+
+
+def total_bytes(ckpt: Path) -> int:
+    """What a checkpoint occupies on disk (its files)."""
+    return sum(p.stat().st_size for p in Path(ckpt).rglob("*") if p.is_file())
 
 
 def write_meta(ckpt: Path, meta: dict) -> None:
@@ -119,7 +190,7 @@ def find_latest(directory: Path) -> Path | None:
         return ckpt
     if damaged:
         raise CheckpointError(f"{directory}: every complete checkpoint is damaged (newest: {damaged[0]}); repair or "
-                              "move them, or start anew with checkpoint.resume=never")
+                              "move them, or start anew in another checkpoint.dir")
     return None
 
 

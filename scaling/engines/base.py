@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -87,6 +88,20 @@ def _mark_batch_and_length_dynamic(module: nn.Module, args: tuple, kwargs: dict)
             torch._dynamo.maybe_mark_dynamic(t, 1)
 
 
+@dataclass
+class StepResult:
+    """One optimizer step as every rank took it (the flags are agreed by all ranks, so every rank
+    branches alike). ``grad_norm``: the global pre-clip norm, a 0-d tensor left on the device.
+    ``applied``: False when the step was skipped, i.e. no optimizer step and no LR-scheduler step
+    (a non-finite loss or gradient norm on any rank, or an fp16 loss-scale overflow); the trainer
+    then skips the EMA update too. ``stop``: some rank was asked to stop (a preemption signal).
+    ``loss_scale``: fp16's dynamic loss scale after the step (None without loss scaling)."""
+    grad_norm: torch.Tensor
+    applied: bool = True
+    stop: bool = False
+    loss_scale: float | None = None
+
+
 class Engine(ABC):
     rank: int = 0
     world_size: int = 1
@@ -139,11 +154,43 @@ class Engine(ABC):
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of one micro-batch (inside :meth:`micro_batch`)."""
 
-    @abstractmethod
-    def step(self) -> torch.Tensor:
-        """Clip (at ``optim.grad_clip``, fixed at setup), step optimizer and scheduler, zero grads.
-        Returns the (pre-clip) global grad norm as a 0-d tensor, left on the device: reading it is
-        the caller's choice (a host sync)."""
+    def step(self, loss: torch.Tensor, *, stop: bool = False) -> StepResult:
+        """Take or skip the optimizer step, then zero the gradients. ``loss``: this rank's loss of the
+        step (any finite value means finite); ``stop``: this rank wants to stop after this step.
+
+        Skip rule (fairseq's and DeepSpeed's on overflow): when the loss or the global gradient norm is
+        not finite on any rank, no optimizer step and no LR-scheduler step happen, so the weights, the
+        optimizer state and the LR schedule are exactly those of the last good step. The decision and
+        ``stop`` travel in one MAX all-reduce of two flags, read once on the host: the one host sync of
+        a step, which an engine must make before its optimizer step to skip it."""
+        norm = self.grad_norm()
+        bad = ~(torch.isfinite(loss.detach().double().sum()) & torch.isfinite(norm.detach().double()))
+        flags = torch.stack([bad.double(), torch.full((), float(stop), dtype=torch.float64, device=bad.device)])
+        bad, stop = (bool(x) for x in self.all_reduce_max(flags.to(self.device)).tolist())
+        if bad:
+            self.skip_step()
+        else:
+            self.apply_step(norm)
+        self.zero_grad()
+        return StepResult(norm, applied=not bad, stop=stop, loss_scale=self.loss_scale())
+
+    # The pieces of :meth:`step` (an engine that steps in one call of its library overrides step instead).
+    def grad_norm(self) -> torch.Tensor:
+        """The global pre-clip gradient norm (unscaled), a 0-d tensor on the device."""
+        raise NotImplementedError
+
+    def apply_step(self, norm: torch.Tensor) -> None:
+        """Clip at ``optim.grad_clip`` with ``norm``, step the optimizer and the LR scheduler."""
+        raise NotImplementedError
+
+    def skip_step(self) -> None:
+        """What a skipped step still does (fp16: lower the loss scale). Nothing by default."""
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def loss_scale(self) -> float | None:
+        return None
 
     @abstractmethod
     def ema_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -155,6 +202,9 @@ class Engine(ABC):
 
     # -- collectives the loop needs
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
     def barrier(self) -> None:
@@ -194,6 +244,11 @@ class ProcessGroup:
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         t = t.clone()
         dist.all_reduce(t)
+        return t
+
+    def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t
 
     def barrier(self) -> None:

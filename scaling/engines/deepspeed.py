@@ -55,7 +55,7 @@ from torch import nn
 from scaling.checkpoint.formats import clean_name
 from scaling.config import EngineConfig, OptimConfig, ScheduleConfig, TrainConfig
 from scaling.distributed import env_info, init_process_group
-from scaling.engines.base import Engine, ProcessGroup, pick_device, prepare_blocks, tensor_bytes
+from scaling.engines.base import Engine, ProcessGroup, StepResult, pick_device, prepare_blocks, tensor_bytes
 from scaling.optim import build_optimizer, build_scheduler, param_groups
 from scaling.plan import BatchPlan
 from scaling.teacher import EMATeacher
@@ -318,12 +318,24 @@ class DeepSpeedEngine(ProcessGroup, Engine):
         # The trainer normalised the loss over the whole global batch: no division by accumulation.
         self.ds.backward(loss, scale_wrt_gas=False)
 
-    def step(self) -> torch.Tensor:
+    def step(self, loss: torch.Tensor, *, stop: bool = False) -> StepResult:
+        """DeepSpeed's step clips, steps optimizer and LR scheduler and zeroes the gradients in one call,
+        and makes the skip decision itself: every ZeRO stage (as of deepspeed 0.19) skips a step whose
+        gradient norm is not finite (fp16 overflow; bf16 with its default ``check_grad_overflow``;
+        fp32), without an optimizer or LR-scheduler step; ``was_step_applied()`` says so, alike on every
+        rank, and the EMA is skipped with it. A non-finite loss with finite gradients (not seen in
+        practice) counts as skipped as well, though DeepSpeed has stepped."""
         steps = self.ds.global_steps
         self.ds.step()  # clip (config), optimizer, LR scheduler, zero grads
         assert self.ds.global_steps == steps + 1, "DeepSpeed did not take an optimizer step at the boundary"
         norm = self.ds.get_global_grad_norm()  # before clipping; DeepSpeed's own step reads it on the host
-        return torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32)
+        norm = torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32)
+        bad_loss = ~torch.isfinite(loss.detach().double().sum())
+        flags = torch.stack([bad_loss.double(), torch.full((), float(stop), dtype=torch.float64, device=loss.device)])
+        bad_loss, stop = (bool(x) for x in self.all_reduce_max(flags.to(self.device)).tolist())
+        scale = getattr(self.ds.optimizer, "loss_scale", None) if self.precision == "fp16" else None
+        return StepResult(norm, applied=self.ds.was_step_applied() and not bad_loss, stop=stop,
+                          loss_scale=None if scale is None else float(scale))
 
     def ema_tensors(self):
         if self.stage == 3:

@@ -143,18 +143,20 @@ class FSDPEngine(ProcessGroup, Engine):
     def backward(self, loss):
         loss.backward()
 
-    def step(self) -> torch.Tensor:
-        grad_clip = self._grad_clip
-        params = [p for p in self._student.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+    def grad_norm(self) -> torch.Tensor:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in self._grad_params()], foreach=True)
         if isinstance(norm, DTensor):  # partial norms of the shards: reduce once
             norm = norm.full_tensor()
-        if grad_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm, foreach=True)
+        return norm
+
+    def apply_step(self, norm: torch.Tensor) -> None:
+        if self._grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(self._grad_params(), self._grad_clip, norm, foreach=True)
         self.optimizer.step()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
+
+    def _grad_params(self) -> list[torch.Tensor]:
+        return [p for p in self._student.parameters() if p.grad is not None]
 
     def ema_tensors(self):
         # Taken after FSDP's lazy init (first forward), which may re-point the local tensor of an
@@ -165,10 +167,41 @@ class FSDPEngine(ProcessGroup, Engine):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
+        self._complete_optimizer_state()
         # Never ignore_frozen_params=True: it drops the (requires_grad=False) teacher.
         return {"student": get_model_state_dict(self._student), "teacher": get_model_state_dict(self._teacher),
                 "optim": get_optimizer_state_dict(self._student, self.optimizer),
                 "scheduler": self.scheduler.state_dict()}
+
+    def _complete_optimizer_state(self) -> None:
+        """AdamW holds no state for a parameter that has had no gradient yet (a block that LayerDrop
+        dropped in every step so far), so DCP would save no entry for it, and the resume, whose fresh
+        optimizer DCP initialises for every parameter, fails on the missing keys. Such parameters get
+        the state AdamW starts them with (step 0, zero moments), made by AdamW itself: one step at
+        LR 0 over zero gradients of those parameters only, then their step count back to 0. Their
+        values do not change (AdamW at LR 0 adds exact zeros and decays by a factor of exactly 1), nor
+        does any later update. A fresh optimizer (no state at all) is left to DCP's own initialisation."""
+        opt = self.optimizer
+        params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
+        missing = [p for p in params if p not in opt.state]
+        if not missing or not opt.state:
+            return
+        assert all(p.grad is None for p in params), "the state is taken between steps, after zero_grad"
+        lrs = [g["lr"] for g in opt.param_groups]
+        for p in missing:
+            p.grad = torch.zeros_like(p)
+        for g in opt.param_groups:
+            g["lr"] = 0.0
+        opt.step()
+        for g, lr in zip(opt.param_groups, lrs):
+            g["lr"] = lr
+        for p in missing:
+            p.grad = None
+            step = opt.state[p]["step"]
+            if isinstance(step, torch.Tensor):
+                step.zero_()
+            else:
+                opt.state[p]["step"] = 0
 
     def load_state_dict(self, state: dict) -> None:
         def storages():

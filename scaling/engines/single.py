@@ -41,19 +41,29 @@ class SingleEngine(Engine):
     def backward(self, loss):
         self.scaler.scale(loss).backward()
 
-    def step(self) -> torch.Tensor:
-        # fp16 only: the scaler's inf check reads one value on the host (its skip-or-step decision).
+    def grad_norm(self) -> torch.Tensor:
+        # fp16: unscale first, so the norm (and the skip decision, Engine.step) sees the true gradients;
+        # an overflow shows as an inf norm.
         self.scaler.unscale_(self.optimizer)
-        params = [p for p in self._student.parameters() if p.grad is not None]
-        if self._grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, self._grad_clip, foreach=True)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        return torch.nn.utils.get_total_norm([p.grad for p in self._grad_params()], foreach=True)
+
+    def apply_step(self, norm: torch.Tensor) -> None:
+        if self._grad_clip > 0:  # clip_grad_norm_'s two halves, the norm computed once
+            torch.nn.utils.clip_grads_with_norm_(self._grad_params(), self._grad_clip, norm, foreach=True)
+        # fp16 only: the scaler's inf check reads one value on the host (its skip-or-step decision).
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
+
+    def skip_step(self) -> None:
+        # fp16: the infs unscale_ recorded halve the loss scale (no optimizer step: GradScaler.step is not called).
+        self.scaler.update()
+
+    def loss_scale(self) -> float | None:
+        return float(self.scaler.get_scale()) if self.scaler.is_enabled() else None
+
+    def _grad_params(self) -> list[torch.Tensor]:
+        return [p for p in self._student.parameters() if p.grad is not None]
 
     def ema_tensors(self):
         return self._pairs

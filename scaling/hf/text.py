@@ -188,5 +188,11 @@ def model_section(config, hf_dir: Path) -> dict:
 
 
 def data_hints(hf_dir: Path, config) -> dict:
+    """The tokenizer shipped with the model, and blocks no longer than its positions (a recipe whose
+    data.text.block_size exceeds model.text.max_positions is refused)."""
+    from scaling.config import TextDataConfig
+
+    max_positions = config.max_position_embeddings - config.pad_token_id - 1
+    text = {"block_size": min(TextDataConfig().block_size, max_positions)}
     sp = _sentencepiece(hf_dir)
-    return {} if sp is None else {"text": {"tokenizer": str(sp)}}
+    return {"text": text if sp is None else {**text, "tokenizer": str(sp)}}

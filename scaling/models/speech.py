@@ -185,8 +185,12 @@ class SpeechFrontend(nn.Module):
 # ----------------------------------------------------------------------------- encoder
 class SpeechEncoder(nn.Module):
     """EMA-updated part (docs/data2vec.md §2.2): LayerNorm -> dropout -> post-LN blocks, LayerDrop in
-    training only. LayerDrop draws from the encoder's own ``random.Random`` (seeded by
-    ``set_layerdrop_seed``) so that every rank skips the same blocks under FSDP/DDP."""
+    training only. LayerDrop draws from the encoder's own ``random.Random``, which the trainer reseeds
+    before every optimizer step from the recipe seed and the step (``set_layerdrop_seed`` with
+    ``scaling.trainer.layerdrop_seed``): every rank drops the same blocks (FSDP and ZeRO-3 gather a
+    block's shards with a collective, so all ranks must run it or none), and a resumed run drops the
+    same blocks as an uninterrupted one with no generator state to save. Outside the trainer
+    (probes, tests) the generator starts from seed 0."""
 
     # The blocks' [B, T] change from batch to batch (clip lengths; B under length bucketing): a
     # compiled block traces them dynamic from the first call (scaling.engines.base.prepare_blocks).
@@ -207,6 +211,7 @@ class SpeechEncoder(nn.Module):
         self.blocks.apply(init_bert_params)
 
     def set_layerdrop_seed(self, seed: int) -> None:
+        """The next LayerDrop draws come from ``random.Random(seed)`` (one draw per block and forward)."""
         self._layerdrop_rng = random.Random(seed)
 
     def forward(self, x: Tensor, *, padding_mask_BT: Optional[Tensor] = None, mask_BT: Optional[Tensor] = None,

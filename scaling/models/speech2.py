@@ -67,7 +67,9 @@ class SpeechFrontend2(nn.Module):
 class SpeechEncoder2(nn.Module):
     """Positional conv (on the zeroed full sequence) + add -> [keep K frames per view] -> LayerNorm ->
     dropout -> ``prenet_depth + depth`` post-LN blocks with ALiBi. LayerDrop on the main blocks in training,
-    from the encoder's own ``random.Random`` (``set_layerdrop_seed``: every rank drops the same blocks)."""
+    from the encoder's own ``random.Random``, reseeded by the trainer before every optimizer step from the
+    recipe seed and the step (``set_layerdrop_seed``; see ``SpeechEncoder``): every rank drops the same
+    blocks, and a resumed run the same as an uninterrupted one."""
 
     block_shapes_vary = True
 
@@ -91,6 +93,7 @@ class SpeechEncoder2(nn.Module):
         self._layerdrop_rng = random.Random(0)
 
     def set_layerdrop_seed(self, seed: int) -> None:
+        """The next LayerDrop draws come from ``random.Random(seed)`` (one draw per main block and forward)."""
         self._layerdrop_rng = random.Random(seed)
 
     def alibi(self, positions_RK: Tensor, dtype: torch.dtype) -> Tensor:
