@@ -4,6 +4,7 @@ from setuptools import find_packages, setup
 install_requires = [
     "torch>=2.6",  # FSDP2 fully_shard, DCP state_dict helpers, get_total_norm / clip_grads_with_norm_
     "torchvision>=0.21",  # transforms.v2
+    "Pillow>=9.1",  # image headers before decoding (the pixel limit), PNG, animated and 16-bit images
     "deepspeed>=0.16,<0.20",  # ZeRO internals the sharded teacher pairs with (scaling/engines/deepspeed.py)
     "webdataset>=1.0",
     "sentencepiece>=0.2",

@@ -296,6 +296,8 @@ class SpeechDataConfig:
     max_samples: int = bounded(320000, ge=1)  # random crop (docs/data2vec.md §3.2)
     min_samples: int = bounded(32000, ge=0)  # shorter utterances are skipped
     normalize: bool = True
+    # Longer files are skipped as "too_large" from their header, before decoding (docs/data.md).
+    max_seconds: float = bounded(600.0, gt=0)
 
 
 @dataclass
@@ -304,6 +306,9 @@ class VisionDataConfig:
     crop_scale: list[float] = bounded(factory=lambda: [0.08, 1.0], gt=0, le=1)
     mean: list[float] = bounded(factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = bounded(factory=lambda: [0.229, 0.224, 0.225], gt=0)
+    # Bigger images (width x height, from the header, before decoding) are skipped as "too_large"; 64 Mi
+    # pixels. At most 2 x PIL's MAX_IMAGE_PIXELS, past which PIL refuses to open an image (docs/data.md).
+    max_pixels: int = bounded(64 * 1024 * 1024, ge=1, le=178_956_970)
 
 
 @dataclass
@@ -380,6 +385,11 @@ class EngineConfig:
     compile: bool = False
     # One graph per block (an error at a graph break) rather than a silent fallback to eager pieces.
     compile_fullgraph: bool = True
+    # Seconds a collective (and the process-group set-up) may wait for the other ranks before the rank
+    # fails (gloo and nccl, DeepSpeed too): a hung or stopped rank ends the job after about this long,
+    # instead of torch's default 30 min (gloo) or 10 min (nccl). Long enough for the slowest step plus
+    # the slowest rank's checkpoint save or first-step compile (docs/performance.md, "Faults").
+    timeout_s: float = bounded(600.0, ge=1, le=86400)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
 
 from scaling.checkpoint import (Checkpointer, CheckpointWriteError, NonFiniteStateError, check_resume,
                                 checkpoint_step, find_latest, resume_path)
@@ -19,7 +20,7 @@ from scaling.config import Recipe, load_recipe
 from scaling.convert import initial_weights, load_initial_weights
 from scaling.data import build_loader
 from scaling.data.quality import BadDataError
-from scaling.distributed import env_info
+from scaling.distributed import CollectiveFailure, collective_failure, env_info
 from scaling.engines import build_engine, engine_class
 from scaling.models import build_model
 from scaling.plan import resolve
@@ -167,6 +168,7 @@ def run(recipe: Recipe, *, stop_at_step: int | None = None, gather_state: bool =
                      engine.rank, run_info)
 
 
+@record  # an uncaught exception goes to torchrun's error file: its summary names the rank and the error
 def main(argv: list[str] | None = None) -> int:
     rank = env_info().rank
     # Other ranks log warnings and errors only: one INFO stream per job, not one per rank.
@@ -189,6 +191,14 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"scaling-pretrain: error: {exn}", file=sys.stderr, flush=True)
         return 2 if isinstance(exn, ValueError) else 1
+    except Exception as exn:
+        line = collective_failure(exn)  # another rank hung, stopped or died: say so, on every rank that saw it
+        if line is None:
+            raise
+        log.debug("collective failed", exc_info=True)
+        print(f"scaling-pretrain: error: {line}", file=sys.stderr, flush=True)
+        _record_for_launcher(line)
+        return 1
     if result.rank != 0:
         return 0
     if result.history:
@@ -200,6 +210,15 @@ def main(argv: list[str] | None = None) -> int:
     if result.run_info is None:
         print(f"[scaling] checkpoint: {result.checkpoint}", flush=True)
     return 0
+
+
+def _record_for_launcher(line: str) -> None:
+    """The one line as torchrun's failure summary shows it (its error file, as ``@record`` writes one
+    for an uncaught exception), without a traceback printed by this rank."""
+    try:
+        raise CollectiveFailure(line) from None
+    except CollectiveFailure as exn:
+        get_error_handler().record_exception(exn)
 
 
 if __name__ == "__main__":

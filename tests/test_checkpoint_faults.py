@@ -298,3 +298,41 @@ def test_three_concurrent_first_runs_on_one_fresh_sqlite_store_all_succeed(tmp_p
     assert sorted(r.info.run_id for r in runs) == sorted(got.values())
     assert sorted(r.info.run_name for r in runs) == ["run0", "run1", "run2"]
     assert not (tmp_path / "mlruns.db.lock").exists()
+
+
+# ----------------------------------------------------------------------------- a kill during a save
+_KILL_DURING_SAVE = """
+import os, signal, sys
+from pathlib import Path
+import torch
+real = torch.save
+def save(obj, f, *args, **kwargs):
+    # the second save (step 4): half of the optimizer file, then the process dies as under kill -9
+    if Path(str(f)).name == "optimizer.pt" and ".tmp_step_00000004" in str(f):
+        Path(f).write_bytes(b"x" * 4096)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(obj, f, *args, **kwargs)
+torch.save = save
+from scaling.pretrain import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_kill_during_a_save_keeps_the_previous_checkpoint_and_the_run_continues(tmp_path):
+    extra = ("train.max_steps=6",)
+    sets = sum([["--set", s] for s in _sets(tmp_path, *extra)], [])
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", _KILL_DURING_SAVE, str(VISION), *sets], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    ckpt = tmp_path / "ckpt"
+    assert layout.find_latest(ckpt).name == "step_00000002"  # the torn save is not taken
+    assert any(p.name.startswith(".tmp_step_00000004") for p in ckpt.iterdir())
+    # The same command again: resumes at step 2, removes the torn save, ends equal to an uninterrupted run.
+    resumed = run(_recipe(tmp_path, *extra))
+    assert resumed.start_step == 2 and resumed.step == 6
+    assert not any(p.name.startswith(".tmp_") for p in ckpt.iterdir())
+    run(_recipe(tmp_path / "plain", *extra))
+    for part in ("student", "teacher"):
+        got, want = read_state_dict(ckpt, part), read_state_dict(tmp_path / "plain" / "ckpt", part)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), part

@@ -22,13 +22,23 @@ Console scripts (thin files ``tools/shards.py`` and ``tools/tokenizer.py``):
 Every shard set ``OUT/<prefix>-NNNNNN.tar`` gets ``OUT/<prefix>.index.json`` (see
 :mod:`scaling.data.shards`). Inputs are shuffled once (``--seed``; ``--no-shuffle`` keeps the sorted
 order) so that shards do not hold one class each; the same inputs and options give byte-identical
-shards and index, with any ``--workers``. A bad input (unreadable, undecodable, empty) is skipped and
-listed in the summary; it never stops the build.
+shards and index, with any ``--workers``. A bad input (unreadable, undecodable, empty, too large) is
+skipped and listed in the summary, and the skips are counted by reason there and in the index
+(``"skipped": {reason: n}``); one file never stops the build. Inputs are converted as the loader
+converts them (:func:`scaling.modalities.vision.decode_image_bytes`, :func:`scaling.modalities.speech.decode_audio`):
+an image's first frame, 8 bits; audio mixed to mono and resampled.
+
+Folders are walked once per real folder, inside SRC: a symlink is followed only when its target lies
+inside SRC (its real path) and was not read yet, so a link out of SRC, a dangling one or a loop
+(``loop -> ..``) is skipped and counted as ``symlink``; a file reached twice is read once. Class labels
+come from the real path relative to SRC.
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
+import functools
 import os
 import re
 import sys
@@ -37,6 +47,8 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
+from scaling.config import SpeechDataConfig, VisionDataConfig
+from scaling.data.quality import BadSample, short_error
 from scaling.data.shards import (
     _SHARD_NAME,
     INDEX_SUFFIX,
@@ -65,6 +77,10 @@ DEFAULT_SHARD_MB = 256.0
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "gif", "bmp", "tif", "tiff", "avif", "heic")
 STORED_IMAGE_FORMATS = ("png", "jpg", "webp")  # what the loader decodes (scaling.data.collate)
 MAX_LISTED_SKIPS = 20
+# Why an input is skipped (the summary and the index count them): the loader's bad-sample kinds that a
+# file can have (decode_error, empty, too_large, non_finite, bad_label), and the build's own.
+BUILD_SKIP_REASONS = ("unreadable", "decode_error", "empty", "too_large", "non_finite", "bad_label", "unsupported_format",
+                      "not_utf8", "no_tokens", "no_class_folder", "symlink", "error")
 
 
 # ============================================================================= tokenizer
@@ -138,8 +154,14 @@ class BuildReport:
     spec: str = ""
     index_path: str = ""
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (input, reason)
+    skip_counts: dict[str, int] = field(default_factory=dict)  # reason kind (BUILD_SKIP_REASONS) -> inputs
     notes: list[str] = field(default_factory=list)
     error: str = ""
+
+    def skip(self, path: str, kind: str, reason: str) -> None:
+        assert kind in BUILD_SKIP_REASONS, kind
+        self.skipped.append((path, reason))
+        self.skip_counts[kind] = self.skip_counts.get(kind, 0) + 1
 
     def summary(self) -> str:
         head = (f"{self.tool}: {self.samples} samples written in {self.shards} shard{'s' * (self.shards != 1)} "
@@ -147,6 +169,8 @@ class BuildReport:
         if self.spec:
             head += f" -> {self.spec} (index {self.index_path})"
         head += f"; {len(self.skipped)} input{'s' * (len(self.skipped) != 1)} skipped"
+        if self.skip_counts:
+            head += " (" + ", ".join(f"{k} {n}" for k, n in sorted(self.skip_counts.items())) + ")"
         lines = [head]
         lines += [f"  note: {n}" for n in self.notes]
         for path, reason in self.skipped[:MAX_LISTED_SKIPS]:
@@ -165,10 +189,7 @@ def _progress(total: Optional[int], desc: str, enabled: bool, unit: str = "file"
                 file=sys.stderr)
 
 
-def _short(exn: BaseException, limit: int = 160) -> str:
-    msg = " ".join(str(exn).split()) or type(exn).__name__
-    msg = re.sub(r"\S+\.(?:cpp|cc|c|h):\d+,?\s*", "", msg)  # drop C++ source locations from library errors
-    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
+_short = short_error
 
 
 # ============================================================================= inputs
@@ -183,29 +204,76 @@ def _ext(path: str) -> str:
     return base.rsplit(".", 1)[-1].lower() if "." in base else ""
 
 
-def _walk(root: str, exts: tuple[str, ...]) -> tuple[list[str], int]:
-    """Files under ``root`` with one of ``exts`` (sorted, hidden files left out), and how many
-    other files there were."""
-    found, ignored = [], 0
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for fn in sorted(filenames):
-            if fn.startswith("."):
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _walk(root: str, exts: tuple[str, ...], report: BuildReport) -> tuple[list[tuple[str, str]], int]:
+    """``(path, real path)`` of the files under ``root`` with one of ``exts`` (hidden files and folders
+    left out), in sorted top-down order, and how many other files there were.
+
+    Each real folder is read once and each real file listed once. A symlink is followed only when its
+    target's real path lies inside ``root`` (and, for a folder, was not read yet): a link out of the
+    source, a dangling link or a loop back into a folder already read is skipped and counted as
+    ``symlink`` (``os.walk(followlinks=True)`` would write ``loop -> ..`` samples over and over, with
+    the labels of the wrong folder). Fifos, sockets and devices are not read."""
+    root_real = os.path.realpath(root)
+    found: list[tuple[str, str]] = []
+    seen_files: set[str] = set()
+    seen_dirs = {root_real}
+    ignored = 0
+    stack = [root]  # a stack, not recursion: a tree thousands of folders deep is still walked
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exn:
+            report.skip(folder, "unreadable", f"cannot list folder: {exn.strerror or _short(exn)}")
+            continue
+        subdirs = []
+        for e in entries:
+            if e.name.startswith("."):
                 continue
-            if _ext(fn) in exts:
-                found.append(os.path.join(dirpath, fn))
-            else:
+            real = os.path.realpath(e.path)
+            if e.is_symlink():
+                if not os.path.exists(real):
+                    report.skip(e.path, "symlink", "dangling symlink")
+                    continue
+                if not _inside(real, root_real):
+                    report.skip(e.path, "symlink", f"symlink to {real}, outside the source {root_real}")
+                    continue
+            try:
+                is_dir, is_file = e.is_dir(), e.is_file()  # both follow the link
+            except OSError:
+                is_dir = is_file = False
+            if is_dir:
+                if real in seen_dirs:
+                    if e.is_symlink():  # (a real folder read before through a link is no skip: it was read)
+                        report.skip(e.path, "symlink", f"symlink to {real}, a folder already read (or a loop)")
+                    continue
+                seen_dirs.add(real)
+                subdirs.append(e.path)
+            elif not is_file or _ext(e.name) not in exts:
                 ignored += 1
+            elif real in seen_files:
+                if e.is_symlink():
+                    report.skip(e.path, "symlink", f"symlink to {real}, a file already read")
+            else:
+                seen_files.add(real)
+                found.append((e.path, real))
+        stack.extend(reversed(subdirs))  # the first sub-folder is read next, as os.walk does
     return found, ignored
 
 
 def _scan_folder(root: str, exts: tuple[str, ...], labels: str, report: BuildReport) -> tuple[list[_Input], Optional[list[str]]]:
     """Inputs of a folder tree; with ``labels`` folders (or auto, when every file is in a
-    sub-folder) the first-level sub-folder names, sorted, are the classes."""
-    files, ignored = _walk(root, exts)
+    sub-folder) the first-level sub-folder names of the files' real paths, sorted, are the classes."""
+    found, ignored = _walk(root, exts, report)
     if ignored:
         report.notes.append(f"{ignored} files under {root} without a {'/'.join(exts)} extension were not read")
-    rel = [os.path.relpath(f, root) for f in files]
+    root_real = os.path.realpath(root)
+    files = [f for f, _ in found]
+    rel = [os.path.relpath(real, root_real) for _, real in found]
     in_sub = [os.sep in r for r in rel]
     use_folders = labels == "folders" or (labels == "auto" and files and all(in_sub))
     if not use_folders:
@@ -217,7 +285,7 @@ def _scan_folder(root: str, exts: tuple[str, ...], labels: str, report: BuildRep
         if s:
             out.append(_Input(f, lookup[r.split(os.sep, 1)[0]]))
         else:
-            report.skipped.append((f, "not inside a class sub-folder (--labels folders)"))
+            report.skip(f, "no_class_folder", "not inside a class sub-folder (--labels folders)")
     return out, classes
 
 
@@ -227,10 +295,15 @@ def _read_list(path: str, label_column: int, fairseq_root: bool, report: BuildRe
     first line naming a folder is the root of relative paths (wav2vec manifests)."""
     base = os.path.dirname(os.path.abspath(path))
     out: list[_Input] = []
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
+    with open(path, "rb") as f:
+        raw_lines = f.read().splitlines()
     first = True
-    for lineno, line in enumerate(lines, 1):
+    for lineno, raw in enumerate(raw_lines, 1):
+        try:  # one line that is not UTF-8 costs only itself
+            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as exn:
+            report.skip(f"{path}:{lineno}", "not_utf8", f"not UTF-8 text (bad byte at offset {exn.start})")
+            continue
         text = line.strip()
         if not text or text.startswith("#"):
             continue
@@ -249,9 +322,12 @@ def _read_list(path: str, label_column: int, fairseq_root: bool, report: BuildRe
         label = None
         if len(cols) > label_column and cols[label_column]:
             if not re.fullmatch(r"-?\d+", cols[label_column]):
-                report.skipped.append((f"{path}:{lineno}", f"label {cols[label_column]!r} is not an integer"))
+                report.skip(f"{path}:{lineno}", "bad_label", f"label {cols[label_column]!r} is not an integer")
                 continue
             label = int(cols[label_column])
+            if not 0 <= label < 2**63:  # what the loader takes (scaling.data.collate)
+                report.skip(f"{path}:{lineno}", "bad_label", f"label {label} is not in [0, 2^63)")
+                continue
         out.append(_Input(p, label))
     return out
 
@@ -308,20 +384,44 @@ class _Options:
     progress: bool = True
 
 
+def _guarded(job: Callable, args: tuple):
+    """``job(args)``, with any exception it lets out turned into a skip of kind ``error`` (naming the
+    exception's type): the jobs turn every codec error into a skip of its own kind, so this is for
+    what nobody foresaw, and one file never ends the build (nor a worker pool)."""
+    try:
+        return job(args)
+    except Exception as exn:
+        return None, ("error", f"unexpected {type(exn).__name__}: {_short(exn)}")
+
+
 def _decoded(inputs, job, jobs, what: str, opts, report):
     """(index, input, result) for every input whose job succeeded, in input order, with a progress
-    bar; failures go to the report's skipped list with their reason."""
+    bar; failures go to the report's skipped list with their reason kind and reason."""
     with _progress(len(jobs), what, opts.progress) as bar:
-        for i, (x, (res, reason)) in enumerate(zip(inputs, _ordered_map(job, jobs, opts.workers))):
+        results = _ordered_map(functools.partial(_guarded, job), jobs, opts.workers)
+        for i, (x, (res, (kind, reason))) in enumerate(zip(inputs, results)):
             bar.update(1)
             if res is None:
-                report.skipped.append((x.path, reason))
+                report.skip(x.path, kind, reason)
                 continue
             yield i, x, res
 
+
+def _read_file(path: str) -> tuple[Optional[bytes], tuple[str, str]]:
+    """A regular file's bytes, or None and the skip (a fifo would block the build for ever)."""
+    if not os.path.isfile(path):
+        return None, ("unreadable", "cannot read: " + ("not a regular file" if os.path.exists(path) else "file not found"))
+    try:
+        with open(path, "rb") as f:
+            return f.read(), ("", "")
+    except OSError as exn:
+        return None, ("unreadable", f"cannot read: {exn.strerror or _short(exn)}")
+
 def _write(report: BuildReport, opts: _Options, samples: Iterator[dict], *, modality: str,
            tokenizer: Optional[str] = None, extra: Optional[dict] = None) -> BuildReport:
-    extra = {"tool": report.tool, **(extra or {})}
+    # The report's skip counts, by reference: the index is written after the last sample, when the
+    # generator has counted every skip.
+    extra = {"tool": report.tool, **(extra or {}), "skipped": report.skip_counts}
     try:
         index = write_shard_set(
             opts.out, samples, prefix=opts.prefix, modality=modality, tokenizer=tokenizer,
@@ -355,51 +455,47 @@ def _image_format(data: bytes) -> Optional[str]:
     return None
 
 
-def _image_job(job: tuple) -> tuple[Optional[tuple[bytes, str]], str]:
-    """(path, reencode, quality) -> ((bytes, fmt), "") or (None, reason)."""
-    path, reencode, quality = job
-    import torch
+def _image_job(job: tuple) -> tuple[Optional[tuple[bytes, str]], tuple[str, str]]:
+    """(path, reencode, quality, max_pixels) -> ((bytes, fmt), ("", "")) or (None, (kind, reason)).
+    The file is decoded as the loader decodes it (the pixel limit checked from its header first)."""
+    path, reencode, quality, max_pixels = job
     import torchvision.io as tvio
 
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exn:
-        return None, f"cannot read: {exn.strerror or _short(exn)}"
-    fmt = _image_format(data)
+    from scaling.modalities.vision import decode_image_bytes
+
+    data, why = _read_file(path)
+    if data is None:
+        return None, why
     if not data:
-        return None, "empty file"
+        return None, ("empty", "empty file")
+    fmt = _image_format(data)
     try:
-        with quiet_tv_io():
-            img = tvio.decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=tvio.ImageReadMode.UNCHANGED)
-    except Exception as exn:  # torchvision raises RuntimeError/ValueError for corrupt data
-        return None, f"not a decodable image ({fmt or 'unknown format'}): {_short(exn)}"
-    if img.ndim != 3 or img.shape[1] == 0 or img.shape[2] == 0:
-        return None, f"decoded to an empty image {tuple(img.shape)}"
+        # gray stays gray, the rest RGB; alpha dropped; the first frame of an animation; 8 bits
+        img = decode_image_bytes(data, None, max_pixels, limit_name="--max-pixels")
+    except BadSample as exn:
+        return None, (exn.kind, str(exn))
     if reencode:
-        if img.shape[0] in (2, 4):  # drop alpha
-            img = img[: img.shape[0] - 1]
         with quiet_tv_io():
-            t = img.contiguous()
-            out = tvio.encode_png(t) if reencode == "png" else tvio.encode_jpeg(t, quality=quality)
-        return (out.numpy().tobytes(), reencode), ""
+            out = tvio.encode_png(img) if reencode == "png" else tvio.encode_jpeg(img, quality=quality)
+        return (out.numpy().tobytes(), reencode), ("", "")
     if fmt not in STORED_IMAGE_FORMATS:
-        return None, (f"{fmt or 'unrecognised'} images are not stored as they are (the loader reads "
-                      f"{'/'.join(STORED_IMAGE_FORMATS)}); pass --reencode png or jpg")
-    return (data, fmt), ""
+        return None, ("unsupported_format", f"{fmt or 'unrecognised'} images are not stored as they are (the loader "
+                      f"reads {'/'.join(STORED_IMAGE_FORMATS)}); pass --reencode png or jpg")
+    return (data, fmt), ("", "")
 
 
 def build_image_shards(src: str, opts: _Options, *, labels: str = "auto", reencode: Optional[str] = None,
-                       jpeg_quality: int = 95, exts: tuple[str, ...] = IMAGE_EXTS) -> BuildReport:
+                       jpeg_quality: int = 95, exts: tuple[str, ...] = IMAGE_EXTS,
+                       max_pixels: int = VisionDataConfig.max_pixels) -> BuildReport:
     report = BuildReport("scaling-shards image")
     inputs, classes = _folder_or_list(src, exts, labels, report, opts, label_column=1, fairseq_root=False)
-    jobs = [(x.path, reencode, jpeg_quality) for x in inputs]
+    jobs = [(x.path, reencode, jpeg_quality, max_pixels) for x in inputs]
 
     def samples():
         for i, x, (data, fmt) in _decoded(inputs, _image_job, jobs, "images", opts, report):
             yield encode_vision_sample(_key(i, x.path), data, label=x.label, fmt=fmt)
 
-    extra = {"source": os.path.abspath(src), "reencode": reencode}
+    extra = {"source": os.path.abspath(src), "reencode": reencode, "max_pixels": int(max_pixels)}
     if classes is not None:
         extra["classes"] = classes
     _write(report, opts, samples(), modality="vision", extra=extra)
@@ -407,42 +503,43 @@ def build_image_shards(src: str, opts: _Options, *, labels: str = "auto", reenco
 
 
 # ============================================================================= audio
-def _audio_job(job: tuple) -> tuple[Optional[dict], str]:
-    """(path, label, sample_rate) -> (sample members without key, "") or (None, reason)."""
-    path, label, target_sr = job
-    import soundfile as sf
+def _audio_job(job: tuple) -> tuple[Optional[dict], tuple[str, str]]:
+    """(path, label, sample_rate, max_seconds) -> (sample members without key, ("", "")) or
+    (None, (kind, reason)). The header is checked first (the duration limit), then the file is decoded
+    as the loader decodes it (mono) and resampled with soxr when its rate is another."""
+    path, label, target_sr, max_seconds = job
+    from scaling.modalities.speech import audio_header, decode_audio
 
-    if not os.path.isfile(path):
-        return None, "file not found"
+    if not os.path.isfile(path):  # soundfile would open a fifo and wait on it
+        return None, ("unreadable", "cannot read: " + ("not a regular file" if os.path.exists(path) else "file not found"))
     try:
-        audio, sr = sf.read(path, dtype="float32", always_2d=True)
-    except Exception as exn:  # soundfile raises LibsndfileError (a RuntimeError) or OSError
-        return None, f"cannot decode audio: {_short(exn)}"
-    if audio.shape[0] == 0:
-        return None, "empty audio (0 samples)"
-    audio = audio.mean(axis=1, dtype=np.float32) if audio.shape[1] > 1 else audio[:, 0]
-    if not np.isfinite(audio).all():
-        return None, "audio has NaN/inf samples"
-    if sr != target_sr:
+        info = audio_header(path, max_seconds, limit_name="--max-seconds")
+        audio = decode_audio(path)
+    except BadSample as exn:
+        return None, (exn.kind, str(exn))
+    if info.samplerate != target_sr:
         import soxr
 
-        audio = soxr.resample(np.ascontiguousarray(audio), sr, target_sr)
+        audio = soxr.resample(audio, info.samplerate, target_sr)
+        if audio.shape[0] == 0:
+            return None, ("empty", f"no samples left after resampling {info.frames} frames to {target_sr} Hz")
     sample = encode_speech_sample("x", audio, target_sr, label=label)
     del sample["__key__"]
-    return sample, ""
+    return sample, ("", "")
 
 
 def build_audio_shards(src: str, opts: _Options, *, sample_rate: int = 16000, labels: str = "none",
-                       exts: tuple[str, ...] = ("wav", "flac")) -> BuildReport:
+                       exts: tuple[str, ...] = ("wav", "flac"),
+                       max_seconds: float = SpeechDataConfig.max_seconds) -> BuildReport:
     report = BuildReport("scaling-shards audio")
     inputs, classes = _folder_or_list(src, exts, labels, report, opts, label_column=2, fairseq_root=True)
-    jobs = [(x.path, x.label, sample_rate) for x in inputs]
+    jobs = [(x.path, x.label, sample_rate, max_seconds) for x in inputs]
 
     def samples():
         for i, x, res in _decoded(inputs, _audio_job, jobs, "audio", opts, report):
             yield {"__key__": _key(i, x.path), **res}
 
-    extra = {"source": os.path.abspath(src), "sample_rate": int(sample_rate)}
+    extra = {"source": os.path.abspath(src), "sample_rate": int(sample_rate), "max_seconds": float(max_seconds)}
     if classes is not None:
         extra["classes"] = classes
     _write(report, opts, samples(), modality="speech", extra=extra)
@@ -454,52 +551,76 @@ def _text_files(srcs: list[str], exts: tuple[str, ...], report: BuildReport) -> 
     files = []
     for src in srcs:
         if os.path.isdir(src):
-            found, ignored = _walk(src, exts)
+            found, ignored = _walk(src, exts, report)
             if ignored:
                 report.notes.append(f"{ignored} files under {src} without a {'/'.join(exts)} extension were not read")
-            files += found
+            files += [f for f, _ in found]
         elif os.path.isfile(src):
             files.append(src)
         else:
-            report.skipped.append((src, "not found"))
+            report.skip(src, "unreadable", "not found")
     return files
 
 
+def _text_encoding(head: bytes) -> str:
+    """UTF-16/32 when the file starts with their byte-order mark (Windows tools write them), else UTF-8
+    (a UTF-8 BOM is dropped). Other encodings are not guessed: their files are skipped as not UTF-8."""
+    for bom, name in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+                      (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
+        if head.startswith(bom):
+            return name
+    return "utf-8-sig"
+
+
 def _documents(files: list[str], unit: str, report: BuildReport, bar) -> Iterator[tuple[str, str, str]]:
-    """``(path, key suffix, text)`` per non-empty document, UTF-8, whitespace stripped."""
+    """``(path, key suffix, text)`` per non-empty document, whitespace stripped. UTF-8, or UTF-16/32
+    with a byte-order mark; a file (``unit`` file) or a line (``unit`` line) that does not decode is
+    skipped, the rest of its file is still read."""
     for path in files:
         try:
-            if unit == "file":
-                try:
-                    with open(path, "rb") as f:
+            if not os.path.isfile(path):
+                report.skip(path, "unreadable", "not a regular file" if os.path.exists(path) else "not found")
+                continue
+            try:
+                f = open(path, "rb")
+            except OSError as exn:
+                report.skip(path, "unreadable", f"cannot read: {exn.strerror or _short(exn)}")
+                continue
+            with f:
+                encoding = _text_encoding(f.read(4))
+                f.seek(0)
+                if unit == "file" or encoding != "utf-8-sig":
+                    # UTF-16/32 lines cannot be cut at b"\n": the whole file is decoded, then split.
+                    try:
                         raw = f.read()
-                except OSError as exn:
-                    report.skipped.append((path, f"cannot read: {exn.strerror or _short(exn)}"))
-                    continue
-                try:
-                    text = raw.decode("utf-8-sig").strip()
-                except UnicodeDecodeError as exn:
-                    report.skipped.append((path, f"not UTF-8 text (bad byte at offset {exn.start})"))
-                    continue
-                if not text:
-                    report.skipped.append((path, "empty document"))
-                    continue
-                yield path, "", text
-            else:
-                try:
-                    f = open(path, "rb")
-                except OSError as exn:
-                    report.skipped.append((path, f"cannot read: {exn.strerror or _short(exn)}"))
-                    continue
-                with f:
-                    for lineno, line in enumerate(f, 1):
-                        try:
-                            text = line.decode("utf-8-sig" if lineno == 1 else "utf-8").strip()
-                        except UnicodeDecodeError as exn:
-                            report.skipped.append((f"{path}:{lineno}", f"not UTF-8 text (bad byte at offset {exn.start})"))
+                    except OSError as exn:
+                        report.skip(path, "unreadable", f"cannot read: {exn.strerror or _short(exn)}")
+                        continue
+                    try:
+                        text = raw.decode(encoding)
+                    except UnicodeDecodeError as exn:
+                        report.skip(path, "not_utf8", f"not {'UTF-8' if encoding == 'utf-8-sig' else encoding.upper()} "
+                                    f"text (bad byte at offset {exn.start})")
+                        continue
+                    if unit == "file":
+                        if not text.strip():
+                            report.skip(path, "empty", "empty document")
                             continue
-                        if text:  # blank lines separate documents; they are not inputs
-                            yield path, f"_l{lineno}", text
+                        yield path, "", text.strip()
+                        continue
+                    lines = enumerate(text.split("\n"), 1)
+                else:
+                    lines = enumerate(f, 1)
+                for lineno, line in lines:
+                    if isinstance(line, bytes):
+                        try:
+                            line = line.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                        except UnicodeDecodeError as exn:
+                            report.skip(f"{path}:{lineno}", "not_utf8", f"not UTF-8 text (bad byte at offset {exn.start})")
+                            continue
+                    text = line.strip()
+                    if text:  # blank lines separate documents; they are not inputs
+                        yield path, f"_l{lineno}", text
         finally:
             bar.update(1)
 
@@ -531,7 +652,7 @@ def build_text_shards(src: str, opts: _Options, *, tokenizer: str, doc: str = "a
                 encoded = sp.encode([t for _, _, t in batch], num_threads=max(1, opts.workers))
                 for (path, suffix, _), ids in zip(batch, encoded):
                     if not ids:
-                        report.skipped.append((path + suffix.replace("_l", ":"), "no tokens"))
+                        report.skip(path + suffix.replace("_l", ":"), "no_tokens", "no tokens")
                         continue
                     yield encode_text_sample(_key(counter, path, suffix), np.asarray(ids, dtype=np.int32),
                                              label=label_of.get(path))
@@ -553,6 +674,9 @@ Build an indexed webdataset shard set OUT/<prefix>-NNNNNN.tar + OUT/<prefix>.ind
   image SRC OUT                      image folder tree (class sub-folders -> labels) or list file
   audio SRC OUT                      folder of wav/flac or a tsv manifest -> 16 kHz FLAC
   text  SRC OUT --tokenizer MODEL    text file(s), one document per file or per line -> token ids
+A bad input is skipped (the summary and the index count the skips by reason); it never stops the build.
+Folders are walked once per real folder: a symlink is followed only to a target inside SRC not read yet
+(a link out of SRC, a dangling one or a loop is skipped as 'symlink'); labels come from real paths.
 'scaling-shards COMMAND -h' lists each command's options."""
 
 
@@ -594,7 +718,10 @@ def shards_main(argv: Optional[list[str]] = None) -> int:
         print(_SHARDS_USAGE, file=sys.stdout if argv and argv[0] in ("-h", "--help") else sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     cmd = argv.pop(0)
-    p = argparse.ArgumentParser(prog=f"scaling-shards {cmd}")
+    p = argparse.ArgumentParser(prog=f"scaling-shards {cmd}", epilog=(
+        "A bad input is skipped and counted by reason in the summary and the index; it never stops the build. "
+        "Symlinks are followed only to targets inside SRC not read yet (each real folder once); links out of SRC, "
+        "dangling links and loops are skipped as 'symlink'. Labels come from the real path relative to SRC."))
     _common_args(p)
     if cmd == "image":
         p.add_argument("--labels", choices=("auto", "folders", "none"), default="auto",
@@ -602,11 +729,17 @@ def shards_main(argv: Optional[list[str]] = None) -> int:
         p.add_argument("--reencode", choices=("png", "jpg"), default=None, help="re-encode instead of storing the bytes as they are")
         p.add_argument("--jpeg-quality", type=int, default=95)
         p.add_argument("--ext", default=",".join(IMAGE_EXTS), help="file extensions read from a folder")
+        p.add_argument("--max-pixels", type=int, default=VisionDataConfig.max_pixels, metavar="N",
+                       help="skip images of more than N pixels, from their header before decoding (default "
+                            f"{VisionDataConfig.max_pixels}, data.vision.max_pixels' default)")
     elif cmd == "audio":
         p.add_argument("--sample-rate", type=int, default=16000, help="resample to this rate (soxr) when needed")
         p.add_argument("--labels", choices=("auto", "folders", "none"), default="none",
                        help="folders: first-level sub-folder names become labels (default none)")
         p.add_argument("--ext", default="wav,flac", help="file extensions read from a folder (default wav,flac)")
+        p.add_argument("--max-seconds", type=float, default=SpeechDataConfig.max_seconds, metavar="S",
+                       help="skip files longer than S seconds, from their header before decoding (default "
+                            f"{SpeechDataConfig.max_seconds:g}, data.speech.max_seconds' default)")
     else:
         p.add_argument("--tokenizer", required=True, metavar="MODEL", help="sentencepiece model (scaling-tokenizer train)")
         p.add_argument("--doc", choices=("auto", "file", "line"), default="auto",
@@ -616,6 +749,8 @@ def shards_main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     if not os.path.exists(args.src):
         p.error(f"SRC {args.src} not found")
+    if getattr(args, "max_pixels", 1) <= 0 or getattr(args, "max_seconds", 1) <= 0:
+        p.error("--max-pixels / --max-seconds must be positive")
     if args.samples_per_shard is not None and args.samples_per_shard <= 0:
         p.error("--samples-per-shard must be positive")
     if args.shard_size < 0 or 0 < args.shard_size * 1e6 < 10240:
@@ -638,9 +773,10 @@ def shards_main(argv: Optional[list[str]] = None) -> int:
     exts = tuple(e.strip().lower().lstrip(".") for e in args.ext.split(",") if e.strip())
     if cmd == "image":
         report = build_image_shards(args.src, opts, labels=args.labels, reencode=args.reencode,
-                                    jpeg_quality=args.jpeg_quality, exts=exts)
+                                    jpeg_quality=args.jpeg_quality, exts=exts, max_pixels=args.max_pixels)
     elif cmd == "audio":
-        report = build_audio_shards(args.src, opts, sample_rate=args.sample_rate, labels=args.labels, exts=exts)
+        report = build_audio_shards(args.src, opts, sample_rate=args.sample_rate, labels=args.labels, exts=exts,
+                                    max_seconds=args.max_seconds)
     else:
         report = build_text_shards(args.src, opts, tokenizer=args.tokenizer, doc=args.doc, exts=exts, labels=args.labels)
     print(report.summary(), flush=True)

@@ -47,9 +47,14 @@ def _label(raw: dict) -> Optional[int]:
     if v is None:
         return None
     try:
-        return int(v.decode().strip() if isinstance(v, (bytes, bytearray)) else v)
-    except (UnicodeDecodeError, ValueError):
+        label = int(v.decode().strip() if isinstance(v, (bytes, bytearray)) else v)
+    except (UnicodeDecodeError, ValueError, TypeError, OverflowError):
         raise BadSample("bad_label", f"cls member {bytes(v)[:20]!r} is not an integer") from None
+    # Batches hold labels as int64 with -1 for "no label": a negative or bigger one would be misread
+    # or overflow torch.tensor in collate.
+    if not 0 <= label < 2**63:
+        raise BadSample("bad_label", f"cls member {label} is not in [0, 2^63)")
+    return label
 
 
 def _payload(raw: dict, exts: tuple[str, ...]) -> bytes:
@@ -67,8 +72,8 @@ def _meta(raw: dict) -> dict:
         return {}
     try:
         meta = json.loads(raw["json"])
-    except (UnicodeDecodeError, ValueError) as exn:
-        raise BadSample("metadata_mismatch", f"json member is not JSON: {exn}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exn:  # RecursionError: "[[[[..." nested too deep
+        raise BadSample("metadata_mismatch", f"json member is not JSON: {str(exn)[:200]}") from None
     if not isinstance(meta, dict):
         raise BadSample("metadata_mismatch", "json member is not an object")
     return meta
@@ -78,7 +83,7 @@ def _check_meta(meta: dict, field: str, actual: int) -> None:
     want = meta.get(field)
     try:
         ok = want is None or int(want) == actual
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(1e400)
         ok = False
     if not ok:
         raise BadSample("metadata_mismatch", f"json {field} {want!r} != {actual} decoded")

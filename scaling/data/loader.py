@@ -385,7 +385,11 @@ class _ShardSource:
             return 0
         if sum(len(v) for k, v in entry.items() if not k.startswith("__")) > self.max_sample_bytes:
             return 0
-        return proc.item_size(entry)
+        try:
+            return proc.item_size(entry)
+        except Exception as exn:  # a bug, not bad data (that gives 0): name the sample, as items() does
+            exn.add_note(f"while sizing sample {entry['__key__']!r} of shard {entry['__url__']}")
+            raise
 
     def items(self, proc: SampleProcessor, entry, epoch: int, counters: DataCounters, count: bool) -> list[dict]:
         if isinstance(entry, _Lost):
@@ -409,6 +413,11 @@ class _ShardSource:
                 counters.add(epoch, exn.kind, shard=shard)
                 log.warning("skipping bad sample %r in shard %s (%s): %s", key, url, exn.kind, exn)
             return []
+        except Exception as exn:
+            # Not bad data (the processors turn every codec error into BadSample) but a bug: it stops
+            # the run, and the traceback names the sample that met it.
+            exn.add_note(f"while processing sample {key!r} of shard {url}")
+            raise
         if count:
             counters.add_good(epoch, len(items))
         return items

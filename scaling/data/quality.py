@@ -13,10 +13,11 @@ rank decides to stop at the same step and no collective is left waiting.
 
 from __future__ import annotations
 
+import re
 from typing import Iterable
 
 __all__ = ["BadSample", "BadDataError", "BAD_KINDS", "SHARD_EVENTS", "STAT_NAMES", "DataCounters",
-           "check_bad_fraction"]
+           "check_bad_fraction", "short_error"]
 
 # Per-sample problems, in a fixed order (the trainer all-reduces a vector in this order).
 BAD_KINDS = (
@@ -26,9 +27,10 @@ BAD_KINDS = (
     "metadata_mismatch",  # the json member is unreadable or disagrees with the decoded payload
     "sample_rate",        # audio at another rate than data.speech.sample_rate
     "oversized",          # a sample of more than data.max_sample_bytes
+    "too_large",          # decodes too big, from its header: data.vision.max_pixels, data.speech.max_seconds
     "too_short",          # audio shorter than data.speech.min_samples
     "non_finite",         # NaN or inf audio
-    "bad_label",          # a cls member that is not an integer
+    "bad_label",          # a cls member that is not an integer in [0, 2^63)
     "bad_tokens",         # token ids outside [0, model.text.vocab_size)
     "malformed",          # a member twice in one sample, or a member name without an extension
 )
@@ -45,6 +47,14 @@ class BadSample(ValueError):
         assert kind in BAD_KINDS, kind
         super().__init__(message)
         self.kind = kind
+
+
+def short_error(exn: BaseException, limit: int = 160) -> str:
+    """A library error as one short line for a log or a summary: torchvision's and libsndfile's
+    messages carry C++ source locations (``operator(), .../decode_png.cpp:79, Out of bound read``)."""
+    msg = " ".join(str(exn).split()) or type(exn).__name__
+    msg = re.sub(r"(?:[\w:~<>]+\(\), )?\S+\.(?:cpp|cc|c|h):\d+,?\s*", "", msg)
+    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
 
 
 class BadDataError(RuntimeError):

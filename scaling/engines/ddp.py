@@ -27,7 +27,7 @@ class DDPEngine(ProcessGroup, SingleEngine):
         from scaling.distributed import env_info
 
         self.device = pick_device(train_cfg.device, env_info().local_rank)
-        info = init_process_group(engine_cfg.backend, self.device)
+        info = init_process_group(engine_cfg.backend, self.device, engine_cfg.timeout_s)
         self.rank, self.world_size = info.rank, info.world_size
 
     def setup(self, student, teacher, optim_cfg: OptimConfig, schedule_cfg: ScheduleConfig, *, max_steps: int,

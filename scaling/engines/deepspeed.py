@@ -46,7 +46,12 @@ offsets, shapes), which scaling.checkpoint's ``deepspeed`` format writes per ran
 from __future__ import annotations
 
 import contextlib
+import datetime
+import logging
+import os
+import re
 import sys
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -68,6 +73,46 @@ def _storage_id(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
 
+def _quiet_known_warnings() -> None:
+    """The warnings a ZeRO run prints that say nothing about this run, filtered by exact message,
+    category and module (each listed, with its cause, in docs/performance.md "Warnings")."""
+    # DeepSpeed 0.19's comm layer calls the collectives torch 2.14 renamed (all_gather_into_tensor,
+    # reduce_scatter_tensor -> *_single); the old names forward to the new ones unchanged. Printed
+    # again whenever anything resets the warning registry (PIL's image opening in the loader does, once
+    # per image), so a run printed one pair per rank and step.
+    warnings.filterwarnings(
+        "ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated\. "
+        r"Please use `torch\.distributed\.(all_gather_single|reduce_scatter_single)` instead\.$",
+        category=FutureWarning, module=r"torch\.distributed\.c10d_logger$")
+    # ZeRO-3 hooks a module's backward through the tensors it returns and cannot see into the
+    # dataclasses this project's modules return (FrontendOutput, EncoderOutput, ...). The parameters
+    # that this would leave released in backward are registered as external parameters of the root
+    # (_keep_dataclass_owners_gathered); ZeRO-3 runs equal the single-process run
+    # (tests/test_engine_deepspeed.py). DeepSpeed logs it once per process, from rank 0, via logging.
+    from deepspeed.utils import logger
+
+    if not any(isinstance(f, _DataclassOutputFilter) for f in logger.filters):
+        logger.addFilter(_DataclassOutputFilter())
+
+
+class _DataclassOutputFilter(logging.Filter):
+    _MESSAGE = re.compile(r"A module has unknown inputs or outputs type \(<class 'scaling\.models\.outputs\.\w+'>\) "
+                          r"and the tensors embedded in it cannot be detected\.")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno == logging.WARNING and record.module == "utils"
+                    and self._MESSAGE.match(record.getMessage()))
+
+
+def _cpu_local_size() -> None:
+    """DeepSpeed's CPU accelerator counts the ranks of a node from LOCAL_SIZE, which only its own
+    launcher sets; without it, ``device_count()`` runs ``numactl --hardware`` in a subprocess, and
+    ZeRO-3 asks in every gradient reduction: a fork per micro-batch (which also resets the warning
+    registry, so every warning seen once is printed again). torchrun's LOCAL_WORLD_SIZE is that count."""
+    if "LOCAL_WORLD_SIZE" in os.environ:
+        os.environ.setdefault("LOCAL_SIZE", os.environ["LOCAL_WORLD_SIZE"])
+
+
 def _skip_cpu_shm_build() -> None:
     """On the CPU accelerator every TorchBackend init JIT-builds DeepSpeed's shared-memory comm op
     (35-45 s with gcc the first time on a machine); gloo collectives work without it, so skip it.
@@ -78,6 +123,7 @@ def _skip_cpu_shm_build() -> None:
         import deepspeed.comm.torch  # noqa: F401  (load the module so that sys.modules has it)
 
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+        _cpu_local_size()
 
 
 class _StudentCall(nn.Module):
@@ -111,9 +157,13 @@ class DeepSpeedEngine(ProcessGroup, Engine):
         _skip_cpu_shm_build()
         import deepspeed
 
-        info = init_process_group(engine_cfg.backend, self.device)
-        # DeepSpeed adopts the process group that already exists (no MPI discovery).
-        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+        _quiet_known_warnings()
+
+        info = init_process_group(engine_cfg.backend, self.device, engine_cfg.timeout_s)
+        # DeepSpeed adopts the process group that already exists (no MPI discovery); the timeout is
+        # the one it would give a group of its own.
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False,
+                                   timeout=datetime.timedelta(seconds=engine_cfg.timeout_s))
         self.rank, self.world_size = info.rank, info.world_size
 
     # ------------------------------------------------------------------ building

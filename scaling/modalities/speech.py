@@ -12,7 +12,7 @@ import torch
 
 from scaling.config import ModelConfig, Recipe
 from scaling.data.collate import SampleProcessor, _check_meta, _meta, _noise_seeds, _payload, _views, _views_batch
-from scaling.data.quality import BadSample
+from scaling.data.quality import BadSample, short_error
 from scaling.masking import block_mask_1d, sample_rng, speech_span_mask
 from scaling.modalities import ModalitySpec
 from scaling.models.speech import conv_output_length
@@ -26,25 +26,18 @@ class SpeechProcessor(SampleProcessor):
         self._conv_out = conv_output_length
 
     def decode(self, raw: dict) -> np.ndarray:
-        import soundfile as sf
-
+        cfg = self.data_cfg.speech
         data = _payload(raw, ("flac", "wav"))
-        try:
-            audio, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-        except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as exn:
-            raise BadSample("decode_error", f"audio does not decode: {exn}") from None
-        if audio.shape[0] == 0:
-            raise BadSample("empty", "audio has zero frames")
         meta = _meta(raw)
-        _check_meta(meta, "num_samples", audio.shape[0])
-        _check_meta(meta, "sample_rate", sr)
-        if sr != self.data_cfg.speech.sample_rate:
+        info = audio_header(data, cfg.max_seconds)
+        # The rate comes from the header: a stray one is refused before the audio is decoded.
+        _check_meta(meta, "sample_rate", info.samplerate)
+        if info.samplerate != cfg.sample_rate:
             # Shards are resampled when built (scaling-shards audio); a stray rate is a bad sample.
-            raise BadSample("sample_rate", f"{sr} Hz, not data.speech.sample_rate {self.data_cfg.speech.sample_rate}")
-        audio = audio.mean(axis=1) if audio.shape[1] > 1 else audio[:, 0]
-        if not np.isfinite(audio).all():
-            raise BadSample("non_finite", "audio holds NaN or inf")
-        return np.ascontiguousarray(audio, dtype=np.float32)
+            raise BadSample("sample_rate", f"{info.samplerate} Hz, not data.speech.sample_rate {cfg.sample_rate}")
+        audio = decode_audio(data)
+        _check_meta(meta, "num_samples", audio.shape[0])
+        return audio
 
     def items(self, audio: np.ndarray, epoch: int, sample_id: int, label: Optional[int]) -> list[dict]:
         """``audio``: mono float32 at ``data.speech.sample_rate``."""
@@ -115,6 +108,53 @@ class SpeechProcessor(SampleProcessor):
         if views:
             batch.update(_views_batch(items, mask, frame_pad, views))
         return batch
+
+
+# ----------------------------------------------------------------------------- decoding
+# What soundfile raises on bytes libsndfile cannot open or decode (LibsndfileError is a RuntimeError).
+_SF_ERRORS = (RuntimeError, ValueError, TypeError, EOFError, OSError)
+
+
+def audio_header(src, max_seconds: float, *, limit_name: str = "data.speech.max_seconds"):
+    """soundfile's ``info`` of encoded audio (bytes, or a file's path): the header only.
+    :class:`BadSample` ``decode_error`` when libsndfile does not open it, ``empty`` for zero frames and
+    ``too_large`` for more than ``max_seconds`` (``data.speech.max_seconds``): decoding allocates what
+    the header declares, so a small file can ask for gigabytes. ``limit_name``: what the message calls
+    ``max_seconds``."""
+    import soundfile as sf
+
+    try:
+        info = sf.info(src if isinstance(src, str) else io.BytesIO(src))
+    except _SF_ERRORS as exn:
+        raise BadSample("decode_error", f"cannot decode audio: {short_error(exn)}") from None
+    if info.samplerate <= 0 or info.channels <= 0:
+        raise BadSample("decode_error", f"cannot decode audio: its header says {info.samplerate} Hz, "
+                        f"{info.channels} channels")
+    if info.frames <= 0:
+        raise BadSample("empty", "audio has zero frames")
+    seconds = info.frames / info.samplerate
+    if seconds > max_seconds:
+        raise BadSample("too_large", f"{seconds:.1f} s of audio ({info.frames} frames at {info.samplerate} Hz) > "
+                        f"{limit_name} {max_seconds:g}")
+    return info
+
+
+def decode_audio(src) -> np.ndarray:
+    """Encoded audio (bytes, or a file's path) -> mono float32 (channels averaged), or
+    :class:`BadSample`: ``decode_error`` (truncated or garbage), ``empty`` (zero frames), ``non_finite``
+    (NaN or inf). The rate is not changed; check the header first (:func:`audio_header`)."""
+    import soundfile as sf
+
+    try:
+        audio, _ = sf.read(src if isinstance(src, str) else io.BytesIO(src), dtype="float32", always_2d=True)
+    except _SF_ERRORS as exn:
+        raise BadSample("decode_error", f"cannot decode audio: {short_error(exn)}") from None
+    if audio.shape[0] == 0:
+        raise BadSample("empty", "audio has zero frames")
+    audio = audio.mean(axis=1) if audio.shape[1] > 1 else audio[:, 0]
+    if not np.isfinite(audio).all():
+        raise BadSample("non_finite", "audio holds NaN or inf")
+    return np.ascontiguousarray(audio, dtype=np.float32)
 
 
 # ----------------------------------------------------------------------------- synthetic samples

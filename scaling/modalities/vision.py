@@ -4,6 +4,10 @@ behind :data:`SPEC` (:mod:`scaling.modalities`)."""
 
 from __future__ import annotations
 
+import io
+import struct
+import warnings
+import zlib
 from typing import Optional
 
 import numpy as np
@@ -11,7 +15,7 @@ import torch
 
 from scaling.config import ModelConfig, Recipe
 from scaling.data.collate import SampleProcessor, _noise_seeds, _payload, _views, _views_batch
-from scaling.data.quality import BadSample
+from scaling.data.quality import BadSample, short_error
 from scaling.data.shards import quiet_tv_io
 from scaling.masking import inverse_block_mask_2d, sample_rng, vision_block_mask
 from scaling.modalities import ModalitySpec
@@ -22,17 +26,14 @@ class VisionProcessor(SampleProcessor):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        from torchvision.io import ImageReadMode
         from torchvision.transforms import v2
 
         vc, dc = self.model_cfg.vision, self.data_cfg.vision
         C = vc.channels
-        modes = {1: ImageReadMode.GRAY, 3: ImageReadMode.RGB, 4: ImageReadMode.RGB_ALPHA}
-        if C not in modes:
+        if C not in _READ_MODES:
             raise ValueError(f"model.vision.channels must be 1, 3 or 4, got {C}")
         if len(dc.mean) < C or len(dc.std) < C:
             raise ValueError(f"data.vision.mean/std need at least {C} entries (model.vision.channels)")
-        self._read_mode = modes[C]
         size = vc.image_size
         self._size = size
         if dc.augment:
@@ -52,17 +53,8 @@ class VisionProcessor(SampleProcessor):
         self._grid = (size // vc.patch_size, size // vc.patch_size)
 
     def decode(self, raw: dict) -> torch.Tensor:
-        from torchvision.io import decode_image
-
-        data = torch.from_numpy(np.frombuffer(_payload(raw, ("png", "jpg", "jpeg", "webp")), dtype=np.uint8).copy())
-        try:
-            with quiet_tv_io():
-                image = decode_image(data, mode=self._read_mode)
-        except (RuntimeError, ValueError) as exn:  # torchvision's codecs raise RuntimeError on bad bytes
-            raise BadSample("decode_error", f"image does not decode: {str(exn).splitlines()[0]}") from None
-        if image.shape[-1] == 0 or image.shape[-2] == 0:
-            raise BadSample("empty", f"image of size {tuple(image.shape)}")
-        return image
+        data = _payload(raw, ("png", "jpg", "jpeg", "webp"))
+        return decode_image_bytes(data, self.model_cfg.vision.channels, self.data_cfg.vision.max_pixels)
 
     def items(self, image: torch.Tensor, epoch: int, sample_id: int, label: Optional[int]) -> list[dict]:
         """``image``: uint8 ``[C,H,W]`` with the model's channel count."""
@@ -114,6 +106,129 @@ class VisionProcessor(SampleProcessor):
             batch.update(_views_batch(items, mask, None, views))
         batch["mask_BT"] = mask
         return batch
+
+
+# ----------------------------------------------------------------------------- decoding
+# What a model with C channels reads (PIL's mode names); images of other modes are converted.
+_READ_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+# Formats a sample's bytes may hold (PIL's names; MPO is a JPEG with more images, from cameras). PIL
+# tells them by their content, so a GIF in a png member is still a GIF. Other PIL plugins (TGA has no
+# magic number) could take random bytes for an image, so they are not tried.
+IMAGE_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF")
+# What torchvision's codecs decode (one frame); the rest, and every animated image, go through PIL.
+# Not PNG: torchvision 0.29's decode_png crashes the process (SIGSEGV after "libpng error: Not enough
+# image data") on a PNG whose IDAT is short or corrupt, where PIL raises; PNG is lossless, so PIL
+# gives the same pixels.
+_TV_FORMATS = {"JPEG", "MPO", "WEBP", "GIF"}
+# Errors PIL's plugins raise on bad bytes (a truncated PNG raises OSError or SyntaxError from its
+# chunk reader, a bad header struct.error or EOFError); torchvision's codecs raise RuntimeError.
+_PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
+
+
+def image_header(data: bytes):
+    """PIL's lazy image of encoded bytes: the header is read, no pixel is decoded. ``BadSample``
+    ``decode_error`` when PIL does not recognise :data:`IMAGE_FORMATS` in it."""
+    from PIL import Image, UnidentifiedImageError
+
+    Image.init()  # registers every plugin (Image.open alone loads five, not MPO, WebP or TIFF)
+    formats = [f for f in IMAGE_FORMATS if f in Image.OPEN]  # those this PIL build has
+    try:
+        with warnings.catch_warnings():
+            # The pixel limit is data.vision.max_pixels (checked by the caller), not PIL's warning.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data), formats=formats)
+    except Image.DecompressionBombError as exn:  # past 2 x PIL's MAX_IMAGE_PIXELS: refused from the header
+        raise BadSample("too_large", f"image header: {short_error(exn, 200)}") from None
+    except UnidentifiedImageError:
+        raise BadSample("decode_error", f"not a decodable image (unknown format): not "
+                        f"{'/'.join(f.lower() for f in IMAGE_FORMATS)} (starts with {bytes(data[:8])!r})") from None
+    except _PIL_ERRORS as exn:
+        raise BadSample("decode_error", f"not a decodable image: its header does not parse: {short_error(exn)}") from None
+
+
+def decode_image_bytes(data: bytes, channels: Optional[int], max_pixels: int, *,
+                       limit_name: str = "data.vision.max_pixels") -> torch.Tensor:
+    """Encoded image bytes -> uint8 ``[channels,H,W]``, or :class:`BadSample`.
+
+    The size is read from the header first (PIL), and an image of more than ``max_pixels`` pixels is
+    ``too_large`` before any pixel is decoded (a small PNG can declare 20000 x 20000). Animated images
+    give their first frame; 16-bit images are scaled to 8 bits; palette, CMYK, grayscale and alpha
+    images are converted to ``channels`` (1: gray, 3: RGB without alpha, 4: RGBA). ``channels`` None
+    keeps gray images gray and makes the others RGB (alpha dropped), which ``scaling-shards`` stores.
+    JPEG, WebP and still GIF are decoded by torchvision (the pixels the loader always gave), PNG and the
+    rest by PIL (:data:`_TV_FORMATS`). ``limit_name``: what the too_large message calls ``max_pixels``."""
+    from torchvision.transforms.v2 import functional as F
+
+    header = image_header(data)
+    with header:
+        w, h = header.size
+        if w <= 0 or h <= 0:
+            raise BadSample("empty", f"image of size {w}x{h}")
+        if w * h > max_pixels:
+            raise BadSample("too_large", f"{w}x{h} image ({w * h} pixels) > {limit_name} {max_pixels}")
+        if channels is None:
+            channels = 1 if header.mode in ("1", "L", "LA", "La", "I", "F") or header.mode.startswith("I;16") else 3
+        animated = bool(getattr(header, "is_animated", False))
+        if header.format in _TV_FORMATS and not animated:
+            image = _decode_tv(data, channels, header.format)
+        else:
+            image = _decode_pil(header, channels)
+    if image.dtype != torch.uint8:  # 16-bit gray (PIL's I;16): scaled as ToDtype does
+        image = F.to_dtype(image, torch.uint8, scale=True)
+    image = _match_channels(image, channels)
+    if image.shape[-1] == 0 or image.shape[-2] == 0:
+        raise BadSample("empty", f"image of size {tuple(image.shape)}")
+    return image.contiguous()
+
+
+def _decode_tv(data: bytes, channels: int, fmt: str) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_image
+
+    # JPEG has no alpha mode (decode_jpeg refuses RGB_ALPHA): decoded as RGB, the alpha added after.
+    mode = {1: ImageReadMode.GRAY, 3: ImageReadMode.RGB, 4: ImageReadMode.RGB_ALPHA}[channels]
+    if channels == 4 and fmt in ("JPEG", "MPO"):
+        mode = ImageReadMode.RGB
+    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    try:
+        with quiet_tv_io():
+            image = decode_image(buf, mode=mode)
+    except (RuntimeError, ValueError) as exn:  # torchvision's codecs raise RuntimeError on bad bytes
+        raise BadSample("decode_error", f"not a decodable image ({fmt.lower()}): {short_error(exn)}") from None
+    return image[0] if image.ndim == 4 else image  # a GIF decodes to [frames, C, H, W]
+
+
+def _decode_pil(header, channels: int) -> torch.Tensor:
+    """The first frame through PIL (PNG, animated images, BMP, TIFF)."""
+    if header.mode in ("I", "F"):  # 32-bit int/float pixels have no standard range
+        raise BadSample("decode_error", f"not a decodable image ({header.format.lower()}): mode {header.mode} "
+                        "(32-bit pixels) is not supported")
+    try:
+        header.seek(0)
+        if header.mode.startswith("I;16"):  # 16-bit gray: scaled to 8 bits, not clipped as convert("L") does
+            arr = np.array(header, dtype=np.uint16)[None]
+        else:
+            arr = np.array(header.convert(_READ_MODES[channels]))
+            arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    except _PIL_ERRORS as exn:
+        raise BadSample("decode_error", f"not a decodable image ({header.format.lower()}): {short_error(exn)}") from None
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def _match_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
+    """``image`` with ``channels`` channels; codecs do not always honour the asked mode (a GIF is
+    always RGB, a WebP always RGB(A), a JPEG has no alpha, a 16-bit gray PNG stays gray)."""
+    from torchvision.transforms.v2 import functional as F
+
+    c = image.shape[0]
+    if c == channels:
+        return image
+    color = image[:3] if c >= 3 else image[:1].expand(3, -1, -1)
+    if channels == 1:
+        return F.rgb_to_grayscale(color) if c >= 3 else image[:1]
+    if channels == 3:
+        return color
+    alpha = image[3:4] if c == 4 else image[1:2] if c == 2 else torch.full_like(image[:1], 255)
+    return torch.cat([color, alpha])
 
 
 # ----------------------------------------------------------------------------- synthetic samples
