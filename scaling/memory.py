@@ -293,8 +293,8 @@ def micro_batch_shape(recipe: Recipe, world_size: int) -> tuple[int, int]:
     batch does not split over the world size, the recipe's ``train.micro_batch_size``."""
     from scaling.plan import BatchPlan
 
-    try:
-        plan = BatchPlan.from_config(recipe.train, world_size, recipe.data.speech.sample_rate)
+    try:  # warn=False: a micro-batch much smaller than asked is one of the plan's notes, not repeated here
+        plan = BatchPlan.from_config(recipe.train, world_size, recipe.data.speech.sample_rate, warn=False)
     except ValueError:
         return max(1, recipe.train.micro_batch_size), sequence_length(recipe)
     audio = getattr(plan, "micro_batch_audio_samples", 0)
