@@ -4,6 +4,7 @@ behind :data:`SPEC` (:mod:`scaling.modalities`)."""
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 import warnings
@@ -125,18 +126,27 @@ _TV_FORMATS = {"JPEG", "MPO", "WEBP", "GIF"}
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
 
 
+@functools.cache
+def _pil_formats() -> tuple[str, ...]:
+    """The formats of :data:`IMAGE_FORMATS` this PIL build has; once per process, also PIL's set-up."""
+    from PIL import Image
+
+    Image.init()  # registers every plugin (Image.open alone loads five, not MPO, WebP or TIFF)
+    # The pixel limit is data.vision.max_pixels, checked by the caller from the header, not PIL's warning.
+    # One process-wide filter, added once: a catch_warnings per image would reset the warning registry
+    # every image, and every "once" warning of the process (torch's, FSDP's) would print again.
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    return tuple(f for f in IMAGE_FORMATS if f in Image.OPEN)
+
+
 def image_header(data: bytes):
     """PIL's lazy image of encoded bytes: the header is read, no pixel is decoded. ``BadSample``
     ``decode_error`` when PIL does not recognise :data:`IMAGE_FORMATS` in it."""
     from PIL import Image, UnidentifiedImageError
 
-    Image.init()  # registers every plugin (Image.open alone loads five, not MPO, WebP or TIFF)
-    formats = [f for f in IMAGE_FORMATS if f in Image.OPEN]  # those this PIL build has
+    formats = _pil_formats()
     try:
-        with warnings.catch_warnings():
-            # The pixel limit is data.vision.max_pixels (checked by the caller), not PIL's warning.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(data), formats=formats)
+        return Image.open(io.BytesIO(data), formats=formats)
     except Image.DecompressionBombError as exn:  # past 2 x PIL's MAX_IMAGE_PIXELS: refused from the header
         raise BadSample("too_large", f"image header: {short_error(exn, 200)}") from None
     except UnidentifiedImageError:
