@@ -46,13 +46,23 @@ from typing import Any, Iterable, Optional
 import numpy as np
 
 
+def ignore_warning(category: type[Warning], message: str = "") -> None:
+    """Add an "ignore" filter for ``category`` (and ``message``, a regex of its start) unless one is
+    there. Per image, a ``catch_warnings`` (as before) or a new filter would reset the warning registry
+    every time, and every "once" warning of the process would print again per image (40 copies of
+    FSDP's view-tensor warning in a 20-step run); a filter already present costs a scan of the list."""
+    for action, msg, cat, module, lineno in warnings.filters:
+        if action == "ignore" and cat is category and (msg.pattern if msg else "") == message and not module:
+            return
+    warnings.filterwarnings("ignore", message=message, category=category)
+
+
 @contextlib.contextmanager
 def quiet_tv_io():
     """torchvision 0.29 deprecates torchvision.io's image codecs in favour of TorchCodec (not in
-    the environment); the calls still work. This context silences that per-call warning."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
-        yield
+    the environment); the calls still work. Inside this context that per-call warning is silenced."""
+    ignore_warning(DeprecationWarning, "The image decoding and encoding capabilities of TorchVision")
+    yield
 
 __all__ = [
     "encode_speech_sample",

@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 import io
 import struct
-import warnings
 import zlib
 from typing import Optional
 
@@ -17,7 +16,7 @@ import torch
 from scaling.config import ModelConfig, Recipe
 from scaling.data.collate import SampleProcessor, _noise_seeds, _payload, _views, _views_batch
 from scaling.data.quality import BadSample, short_error
-from scaling.data.shards import quiet_tv_io
+from scaling.data.shards import ignore_warning, quiet_tv_io
 from scaling.masking import inverse_block_mask_2d, sample_rng, vision_block_mask
 from scaling.modalities import ModalitySpec
 
@@ -128,14 +127,10 @@ _PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.er
 
 @functools.cache
 def _pil_formats() -> tuple[str, ...]:
-    """The formats of :data:`IMAGE_FORMATS` this PIL build has; once per process, also PIL's set-up."""
+    """The formats of :data:`IMAGE_FORMATS` this PIL build has (PIL's plugin set-up, once per process)."""
     from PIL import Image
 
     Image.init()  # registers every plugin (Image.open alone loads five, not MPO, WebP or TIFF)
-    # The pixel limit is data.vision.max_pixels, checked by the caller from the header, not PIL's warning.
-    # One process-wide filter, added once: a catch_warnings per image would reset the warning registry
-    # every image, and every "once" warning of the process (torch's, FSDP's) would print again.
-    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     return tuple(f for f in IMAGE_FORMATS if f in Image.OPEN)
 
 
@@ -145,6 +140,9 @@ def image_header(data: bytes):
     from PIL import Image, UnidentifiedImageError
 
     formats = _pil_formats()
+    # The pixel limit is data.vision.max_pixels, checked by the caller from the header, not PIL's warning
+    # (a process-wide filter: see ignore_warning).
+    ignore_warning(Image.DecompressionBombWarning)
     try:
         return Image.open(io.BytesIO(data), formats=formats)
     except Image.DecompressionBombError as exn:  # past 2 x PIL's MAX_IMAGE_PIXELS: refused from the header
