@@ -170,8 +170,13 @@ def _sentencepiece(hf_dir: Path) -> Optional[Path]:
     return path if path.is_file() else None
 
 
+def _max_positions(config) -> int:
+    """Our model.text.max_positions of an HF config: fairseq's learned positions start after pad_id."""
+    return config.max_position_embeddings - config.pad_token_id - 1
+
+
 def model_section(config, hf_dir: Path) -> dict:
-    text = {"vocab_size": config.vocab_size, "max_positions": config.max_position_embeddings - config.pad_token_id - 1,
+    text = {"vocab_size": config.vocab_size, "max_positions": _max_positions(config),
             "pad_id": config.pad_token_id}
     sp = _sentencepiece(hf_dir)
     if sp is not None:
@@ -192,7 +197,6 @@ def data_hints(hf_dir: Path, config) -> dict:
     data.text.block_size exceeds model.text.max_positions is refused)."""
     from scaling.config import TextDataConfig
 
-    max_positions = config.max_position_embeddings - config.pad_token_id - 1
-    text = {"block_size": min(TextDataConfig().block_size, max_positions)}
+    text = {"block_size": min(TextDataConfig().block_size, _max_positions(config))}
     sp = _sentencepiece(hf_dir)
     return {"text": text if sp is None else {**text, "tokenizer": str(sp)}}

@@ -15,11 +15,12 @@ modality is one file here, :mod:`scaling.modalities.speech`, ``vision`` or ``tex
 
 and registering one :class:`ModalitySpec` (``SPEC``). Callers look the spec up with
 :func:`spec_for` instead of branching on ``model.modality``. Adding a modality means one new file and one
-line in ``_specs``.
+line in :func:`all_specs`.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass
 from types import ModuleType
@@ -67,28 +68,21 @@ class ModalitySpec:
         return importlib.import_module(self.hf_adapter)
 
 
-def _specs() -> dict[str, ModalitySpec]:
+@functools.cache
+def all_specs() -> dict[str, ModalitySpec]:
+    """Every registered modality's spec, by name (the modality files are imported on first use: they
+    import the data and model packages, which import this one)."""
     from scaling.modalities import speech, text, vision
 
     return {m.SPEC.name: m.SPEC for m in (speech, vision, text)}
 
 
-_SPECS: dict[str, ModalitySpec] = {}
-
-
 def spec_for(modality: str) -> ModalitySpec:
     """The spec of ``model.modality``; ValueError naming the known ones."""
-    if not _SPECS:
-        _SPECS.update(_specs())
-    if modality not in _SPECS:
-        raise ValueError(f"unknown model.modality {modality!r}; expected one of {sorted(_SPECS)}")
-    return _SPECS[modality]
-
-
-def all_specs() -> dict[str, ModalitySpec]:
-    """Every registered modality's spec, by name."""
-    spec_for("speech")
-    return dict(_SPECS)
+    specs = all_specs()
+    if modality not in specs:
+        raise ValueError(f"unknown model.modality {modality!r}; expected one of {sorted(specs)}")
+    return specs[modality]
 
 
 def build_processor(data_cfg, model_cfg, masking_cfg, seed: int, *, device_stage: bool = False):

@@ -21,10 +21,6 @@ from scaling.models.speech import conv_output_length
 class SpeechProcessor(SampleProcessor):
     modality = "speech"
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._conv_out = conv_output_length
-
     def decode(self, raw: dict) -> np.ndarray:
         cfg = self.data_cfg.speech
         data = _payload(raw, ("flac", "wav"))
@@ -55,7 +51,7 @@ class SpeechProcessor(SampleProcessor):
             # fairseq: F.layer_norm(wav, wav.shape), eps 1e-5.
             a64 = audio.astype(np.float64)
             audio = ((a64 - a64.mean()) / np.sqrt(a64.var() + 1e-5)).astype(np.float32)
-        frames = self._conv_out(n, self.model_cfg.speech.conv_layers)
+        frames = conv_output_length(n, self.model_cfg.speech.conv_layers)
         if frames <= 0:
             raise BadSample("too_short", f"{n} samples give no frame after the feature encoder")
         extra = {}
@@ -90,7 +86,7 @@ class SpeechProcessor(SampleProcessor):
         batch: dict[str, torch.Tensor] = {}
         lengths = [it["audio"].shape[0] for it in items]
         S = max(lengths)
-        F = self._conv_out(S, self.model_cfg.speech.conv_layers)
+        F = conv_output_length(S, self.model_cfg.speech.conv_layers)
         audio = torch.zeros(B, S, dtype=torch.float32)
         pad = torch.ones(B, S, dtype=torch.bool)
         views = _views(items)
